@@ -19,11 +19,17 @@ from typing import TYPE_CHECKING, Any
 from langchain_capeval.sampling import SamplingParams
 
 if TYPE_CHECKING:
+    from langchain_capeval.chat_models import ChatCapEval
+    from langchain_capeval.config import CapEvalConfig
+    from langchain_capeval.graph import build_graph
     from langchain_capeval.engines import Engine, TransformersEngine, load_engine
 
 __version__ = "0.1.0"
 
 _LAZY = {
+    "ChatCapEval": "langchain_capeval.chat_models",
+    "CapEvalConfig": "langchain_capeval.config",
+    "build_graph": "langchain_capeval.graph",
     "Engine": "langchain_capeval.engines",
     "TransformersEngine": "langchain_capeval.engines",
     "load_engine": "langchain_capeval.engines",
@@ -37,4 +43,13 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'langchain_capeval' has no attribute {name!r}")
 
 
-__all__ = ["Engine", "SamplingParams", "TransformersEngine", "__version__", "load_engine"]
+__all__ = [
+    "CapEvalConfig",
+    "ChatCapEval",
+    "Engine",
+    "SamplingParams",
+    "TransformersEngine",
+    "__version__",
+    "build_graph",
+    "load_engine",
+]

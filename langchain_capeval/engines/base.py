@@ -157,10 +157,14 @@ class Engine(Protocol):
         """
         ...
 
-    def generate(self, rows: Sequence[RowId], *, until: int | None = None) -> list[Sample]:
+    def generate(
+        self, rows: Sequence[RowId], *, until: int | None = None, deadline: float | None = None
+    ) -> list[Sample]:
         """Decode ``rows`` until each is finished or has ``until`` generated tokens.
 
-        ``until=None`` decodes to the end. Returns a snapshot per row, in order.
+        ``until=None`` decodes to the end; ``deadline`` (a :func:`time.monotonic`
+        value) stops after the decode step that passes it. Returns a snapshot per
+        row, in order.
         """
         ...
 

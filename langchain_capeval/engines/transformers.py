@@ -207,10 +207,13 @@ class TransformersEngine:
         self._requests[request_id] = req
         return req
 
-    def generate(self, rows: Sequence[RowId], *, until: int | None = None) -> list[Sample]:
+    def generate(
+        self, rows: Sequence[RowId], *, until: int | None = None, deadline: float | None = None
+    ) -> list[Sample]:
         """Decode ``rows`` until each is finished or has ``until`` generated tokens; return snapshots.
 
-        Rows that reach the checkpoint stay live: call again to resume.
+        Rows that reach the checkpoint stay live: call again to resume. ``deadline``
+        (a :func:`time.monotonic` value) stops decoding after the step that passes it.
         """
         if until is not None and (not isinstance(until, int) or until < 1):
             raise InvalidSamplingError(f"until must be an integer >= 1 or None, got {until!r}")
@@ -218,10 +221,10 @@ class TransformersEngine:
             live = self._lookup(rows)
             todo = [r for r in live if not r.finished and (until is None or len(r.token_ids) < until)]
             if todo:
-                self._decode(todo, until)
+                self._decode(todo, until, deadline)
             return [self._snapshot(r) for r in live]
 
-    def _decode(self, todo: list[_Row], until: int | None) -> None:
+    def _decode(self, todo: list[_Row], until: int | None, deadline: float | None) -> None:
         room = max(r.params.max_new_tokens - len(r.token_ids) for r in todo) + self._suffix_room
         batch = self._assemble([r.id for r in todo], extra=room)
         rows = [self._rows[i] for i in batch.rows]
@@ -231,6 +234,8 @@ class TransformersEngine:
             logits = batch.forward(self.model, pending)
             self._append(rows, self._sample(rows, logits))
             self._charge(rows, time.perf_counter() - start)
+            if deadline is not None and time.monotonic() >= deadline:
+                return
             keep = [i for i, r in enumerate(rows) if not r.finished and (until is None or len(r.token_ids) < until)]
             if len(keep) < len(rows):
                 leave = [i for i in range(len(rows)) if i not in set(keep)]

@@ -1,0 +1,373 @@
+"""ChatCapEval: a LangChain chat model that spends inference-time compute only where it helps.
+
+Inside, the LangGraph graph of :mod:`langchain_capeval.graph` samples a response,
+asks the same model whether it would do better by starting over, and resamples
+at an annealed temperature, prunes, or accepts. Only the accepted answer is
+returned or streamed; rejected candidates never leak.
+
+Example:
+    >>> from langchain_capeval import ChatCapEval
+    >>> llm = ChatCapEval()  # embedded SmolLM2-135M-Instruct  # doctest: +SKIP
+    >>> msg = llm.invoke("What is the capital of France?")  # doctest: +SKIP
+    >>> msg.response_metadata["samples_used"], msg.response_metadata["stop_reason"]  # doctest: +SKIP
+    (1, 'threshold_met')
+    >>> cheap = llm.bind(max_samples=2)  # per-call budget  # doctest: +SKIP
+    >>> strict = llm.with_config(configurable={"accept_threshold": 0.9})  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+from langchain_core.callbacks import CallbackManager, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models.chat_models import generate_from_stream
+from langchain_core.messages import AIMessageChunk, BaseMessage
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from langchain_core.runnables import RunnableConfig
+from pydantic import ConfigDict, Field, PrivateAttr, model_validator
+
+from langchain_capeval.config import CapEvalConfig
+from langchain_capeval.engines.base import Engine
+from langchain_capeval.errors import InvalidMessagesError, UnsupportedFeatureError
+
+_ENGINES: dict[tuple[str | None, str | None, str], Engine] = {}
+_ENGINES_LOCK = threading.Lock()
+
+PROGRESS_EVENT = "capeval_progress"
+"""Name of the custom callback event that carries each progress event."""
+
+
+def shared_engine(model: str | None, adapter: str | None, device: str) -> Engine:
+    """One engine per (model, adapter, device) per process, shared by every ChatCapEval."""
+    key = (model, adapter, device)
+    with _ENGINES_LOCK:
+        if key not in _ENGINES:
+            from langchain_capeval.engines.transformers import TransformersEngine, TransformersEngineConfig
+
+            cfg = TransformersEngineConfig(model=model, adapter=adapter, device=device)
+            _ENGINES[key] = TransformersEngine.from_config(cfg)
+        return _ENGINES[key]
+
+
+def to_chat_dicts(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
+    """LangChain messages -> ``{"role", "content"}`` dicts (text content only).
+
+    Raises:
+        InvalidMessagesError: A message type with no chat role, or non-text content.
+    """
+    roles = {"human": "user", "ai": "assistant", "system": "system"}
+    out = []
+    for i, m in enumerate(messages):
+        role = roles.get(m.type)
+        if role is None:
+            raise InvalidMessagesError(
+                f"messages[{i}]: {m.type!r} messages are not supported (tool calling is not); "
+                "use system, human and ai messages"
+            )
+        content = m.content
+        if isinstance(content, list):
+            parts = [p if isinstance(p, str) else p.get("text") if p.get("type") == "text" else None for p in content]
+            if any(p is None for p in parts):
+                raise InvalidMessagesError(f"messages[{i}]: only text content is supported")
+            content = "".join(str(p) for p in parts)
+        out.append({"role": role, "content": str(content)})
+    return out
+
+
+class ChatCapEval(BaseChatModel):
+    """A chat model with adaptive inference-time compute by capability-aware self-evaluation.
+
+    Works with no arguments on the embedded SmolLM2-135M-Instruct (with the shipped
+    self-evaluation adapter when one ships). Policy fields of :class:`CapEvalConfig`
+    can be passed directly (``ChatCapEval(max_samples=4)``), and overridden per call
+    through ``.bind(...)``, call keyword arguments, or
+    ``.with_config(configurable={...})``.
+
+    ``usage_metadata`` counts every token: ``input_tokens`` are the prompt (prefilled
+    once) plus the self-evaluation tokens; ``output_tokens`` are every sampled token
+    of every sample, of which ``output_token_details["reasoning"]`` were spent on
+    samples that were not returned.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    model: str | None = None
+    """Local model folder or ``.gguf`` file; ``None``: the embedded default."""
+    adapter: str | None = "default"
+    """Self-evaluation LoRA adapter folder; ``"default"``: the shipped one for the default model."""
+    device: str = "cpu"
+    """Torch device of the transformers engine."""
+    policy: CapEvalConfig = Field(default_factory=CapEvalConfig)
+    """How compute is spent; see :class:`CapEvalConfig`."""
+    engine: Engine | None = Field(default=None, exclude=True)
+    """A ready engine (overrides ``model``/``adapter``/``device``); shared between models."""
+
+    _graph: Any = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collect_policy_fields(cls, values: Any) -> Any:
+        """Accept CapEvalConfig fields (and LangChain's ``temperature``/``max_tokens``) as keyword arguments."""
+        if not isinstance(values, dict):
+            return values
+        values = dict(values)
+        policy = values.get("policy")
+        fields = dict(policy.model_dump()) if isinstance(policy, CapEvalConfig) else dict(policy or {})
+        if "max_tokens" in values and values["max_tokens"] is not None:
+            fields["max_new_tokens"] = values.pop("max_tokens")
+        values.pop("max_tokens", None)
+        for name in CapEvalConfig.field_names() - {"max_tokens"}:
+            if name in values:
+                fields[name] = values.pop(name)
+        values["policy"] = CapEvalConfig.model_validate(fields)
+        return values
+
+    @property
+    def _llm_type(self) -> str:
+        return "capeval"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model": self.model_name, "adapter": self.adapter, **self.policy.model_dump()}
+
+    @property
+    def model_name(self) -> str:
+        """Name of the model behind the engine."""
+        if self.engine is not None:
+            return self.engine.model_name
+        from langchain_capeval.models import DEFAULT_MODEL
+
+        return self.model or DEFAULT_MODEL
+
+    @property
+    def temperature(self) -> float:
+        """The temperature annealing rises to (LangChain's standard name)."""
+        return self.policy.temperature
+
+    @property
+    def max_tokens(self) -> int:
+        """Most tokens of one sample (LangChain's standard name)."""
+        return self.policy.max_new_tokens
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        params["ls_provider"] = "capeval"
+        params["ls_model_name"] = self.model_name
+        params["ls_temperature"] = self.policy.temperature
+        params["ls_max_tokens"] = self.policy.max_new_tokens
+        return params
+
+    def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
+        """Tool calling is not supported."""
+        raise UnsupportedFeatureError(
+            "ChatCapEval does not support tool calling: its self-evaluation scores free-text answers. "
+            "Use it for the answering step, and another chat model for tool calls."
+        )
+
+    # -- engine and graph -------------------------------------------------------------------------
+
+    def get_engine(self) -> Engine:
+        """The engine (loaded on first use, shared per model)."""
+        if self.engine is None:
+            self.engine = shared_engine(self.model, self.adapter, self.device)
+        return self.engine
+
+    def get_graph_runnable(self) -> Any:
+        """The compiled adaptive-compute graph this model runs."""
+        if self._graph is None:
+            from langchain_capeval.graph import build_graph
+
+            self._graph = build_graph(self.get_engine(), self.policy)
+        return self._graph
+
+    # -- per-call overrides through configurable ------------------------------------------------
+
+    def _with_configurable(self, config: RunnableConfig | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Per-call policy overrides from ``config["configurable"]``, under the call's own kwargs."""
+        configurable = (config or {}).get("configurable") or {}
+        picked = {k: v for k, v in configurable.items() if k in CapEvalConfig.field_names()}
+        return {**picked, **kwargs}
+
+    def invoke(
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> BaseMessage:
+        """Like ``BaseChatModel.invoke``; ``config["configurable"]`` may override policy fields."""
+        return super().invoke(input, config, stop=stop, **self._with_configurable(config, kwargs))
+
+    async def ainvoke(
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> BaseMessage:
+        """Like ``BaseChatModel.ainvoke``; ``config["configurable"]`` may override policy fields."""
+        return await super().ainvoke(input, config, stop=stop, **self._with_configurable(config, kwargs))
+
+    def stream(
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Iterator[AIMessageChunk]:
+        """Like ``BaseChatModel.stream``; ``config["configurable"]`` may override policy fields."""
+        yield from super().stream(input, config, stop=stop, **self._with_configurable(config, kwargs))
+
+    async def astream(
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[AIMessageChunk]:
+        """Like ``BaseChatModel.astream``; ``config["configurable"]`` may override policy fields."""
+        async for chunk in super().astream(input, config, stop=stop, **self._with_configurable(config, kwargs)):
+            yield chunk
+
+    # -- BaseChatModel hooks ------------------------------------------------------------------------
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        return generate_from_stream(self._stream(messages, stop=stop, run_manager=run_manager, **kwargs))
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        policy = self.policy.merged({k: v for k, v in kwargs.items() if k in CapEvalConfig.field_names()})
+        if "max_tokens" in kwargs and kwargs["max_tokens"] is not None:
+            policy = policy.merged({"max_new_tokens": kwargs["max_tokens"]})
+        state_in = {"messages": to_chat_dicts(messages), "stop": list(stop or [])}
+        forward = _outer_stream_writer()
+        graph = self.get_graph_runnable()
+        final: dict[str, Any] = {}
+        engine = self.get_engine()
+        callbacks = _child_callbacks(run_manager)
+        try:
+            for mode, chunk in graph.stream(
+                state_in, context=policy, stream_mode=["custom", "values"], config={"callbacks": callbacks}
+            ):
+                if mode == "custom":
+                    if callbacks is not None and run_manager is not None:
+                        callbacks.on_custom_event(PROGRESS_EVENT, chunk, run_id=run_manager.run_id)
+                    forward(chunk)
+                else:
+                    final = chunk
+        finally:  # a failed or abandoned run must not leave rows in the engine
+            request_id = final.get("request_id")
+            if request_id and "answer" not in final:
+                _close_quietly(engine, request_id)
+        yield from self._answer_chunks(final, engine, run_manager)
+
+    def _answer_chunks(
+        self, final: dict[str, Any], engine: Engine, run_manager: CallbackManagerForLLMRun | None
+    ) -> Iterator[ChatGenerationChunk]:
+        """The accepted answer, token by token, then a last chunk with usage and metadata."""
+        answer = final.get("answer", "")
+        pieces = _token_pieces(engine, answer)
+        for piece in pieces:
+            chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
+            if run_manager is not None:
+                run_manager.on_llm_new_token(piece, chunk=chunk)
+            yield chunk
+        usage = final.get("usage", {})
+        samples = final.get("samples", [])
+        index = final.get("answer_index")
+        answer_tokens = next((s["num_tokens"] for s in samples if s["index"] == index), 0)
+        generated = int(usage.get("generated_tokens", 0))
+        input_tokens = int(usage.get("prompt_tokens", 0) + usage.get("self_eval_tokens", 0))
+        usage_metadata = UsageMetadata(
+            input_tokens=input_tokens,
+            output_tokens=generated,
+            total_tokens=input_tokens + generated,
+            output_token_details={"reasoning": generated - answer_tokens},
+        )
+        chosen = next((s for s in samples if s["index"] == index), None)
+        metadata = {
+            "model_name": engine.model_name,
+            "model_provider": "capeval",
+            "finish_reason": chosen["finish_reason"] if chosen else None,
+            "samples_used": len(samples),
+            "samples": [
+                {
+                    "index": s["index"],
+                    "p_win_or_tie": s["score"],
+                    "temperature": s["temperature"],
+                    "tokens": s["num_tokens"],
+                    "pruned": s["pruned"],
+                    "finish_reason": s["finish_reason"],
+                }
+                for s in samples
+            ],
+            "accepted_sample": index,
+            "stop_reason": final.get("stop_reason"),
+            "trace": final.get("trace", []),
+            "compute": dict(usage),
+        }
+        last = ChatGenerationChunk(
+            message=AIMessageChunk(content="", usage_metadata=usage_metadata, response_metadata=metadata),
+            generation_info={"finish_reason": metadata["finish_reason"]},
+        )
+        if run_manager is not None:
+            run_manager.on_llm_new_token("", chunk=last)
+        yield last
+
+
+def _token_pieces(engine: Engine, text: str) -> list[str]:
+    """Split the answer into per-token text pieces whose concatenation is exactly ``text``."""
+    if not text:
+        return []
+    fmt = engine.chat_format
+    ids = fmt.tokenizer(text, add_special_tokens=False)["input_ids"]
+    pieces, prev = [], ""
+    for i in range(1, len(ids) + 1):
+        cur = fmt.tokenizer.decode(ids[:i])
+        if cur.endswith("\ufffd") and i < len(ids):  # an incomplete UTF-8 character: wait for the rest
+            continue
+        pieces.append(cur[len(prev) :])
+        prev = cur
+    if "".join(pieces) != text:  # decoding normalised something: fall back to one piece
+        return [text]
+    return [p for p in pieces if p]
+
+
+def _child_callbacks(run_manager: CallbackManagerForLLMRun | None) -> CallbackManager | None:
+    """Callbacks for the inner graph run, nested under this chat model's run in traces."""
+    if run_manager is None:
+        return None
+    return CallbackManager(
+        handlers=list(run_manager.inheritable_handlers),
+        inheritable_handlers=list(run_manager.inheritable_handlers),
+        parent_run_id=run_manager.run_id,
+        tags=list(run_manager.inheritable_tags),
+        inheritable_tags=list(run_manager.inheritable_tags),
+        metadata=dict(run_manager.inheritable_metadata),
+        inheritable_metadata=dict(run_manager.inheritable_metadata),
+    )
+
+
+def _outer_stream_writer() -> Any:
+    """The enclosing LangGraph run's custom stream writer, or a no-op outside one."""
+    try:
+        from langgraph.config import get_stream_writer
+
+        return get_stream_writer()
+    except RuntimeError:
+        return lambda _chunk: None
+
+
+def _close_quietly(engine: Engine, request_id: str) -> None:
+    from langchain_capeval.errors import UnknownRowError
+
+    try:
+        engine.close_request(request_id)
+    except UnknownRowError:
+        pass
+
+
+__all__ = ["PROGRESS_EVENT", "ChatCapEval", "shared_engine", "to_chat_dicts"]
