@@ -1,0 +1,99 @@
+"""Routing of the adaptive-compute graph, on real runs of the embedded model."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from langchain_capeval.config import CapEvalConfig
+from langchain_capeval.graph import build_graph
+
+QUESTION = [{"role": "user", "content": "What is 3 + 4?"}]
+
+
+def run(engine: Any, **policy: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Run the graph once; return the final state and the streamed progress events."""
+    cfg = CapEvalConfig(**{"max_new_tokens": 24, "seed": 11, **policy})
+    events: list[dict[str, Any]] = []
+    final: dict[str, Any] = {}
+    for mode, chunk in build_graph(engine, cfg).stream({"messages": QUESTION}, stream_mode=["custom", "values"]):
+        if mode == "custom":
+            events.append(chunk)
+        else:
+            final = chunk
+    assert engine.live_rows == 0, "the request must be released when the graph ends"
+    return final, events
+
+
+def test_met_threshold_accepts_after_one_sample(engine: Any) -> None:
+    final, events = run(engine, accept_threshold=0.0)
+    assert len(final["samples"]) == 1
+    assert final["stop_reason"] == "threshold_met"
+    assert [e["event"] for e in events] == ["sampling", "scored", "accepted"]
+    assert final["answer"] == final["samples"][0]["text"]
+    assert final["trace"] == events
+
+
+def test_unmet_threshold_resamples_with_annealing_until_the_sample_budget(engine: Any) -> None:
+    final, events = run(engine, accept_threshold=1.0, max_samples=4, initial_temperature=0.2, temperature=1.0)
+    assert len(final["samples"]) == 4
+    assert final["stop_reason"] == "max_samples"
+    temps = [s["temperature"] for s in final["samples"]]
+    assert temps == sorted(temps) and temps[0] == pytest.approx(0.2) and temps[-1] > temps[0]
+    assert [e["event"] for e in events if e["event"].endswith("sampling")] == ["sampling", "resampling", "resampling"]
+    scores = [s["score"] for s in final["samples"]]
+    assert final["answer_index"] == max(range(4), key=lambda i: (scores[i], -i))
+
+
+def test_token_budget_is_never_exceeded(engine: Any) -> None:
+    final, _ = run(engine, accept_threshold=1.0, max_tokens=150)
+    spent = final["usage"]["generated_tokens"] + final["usage"]["self_eval_tokens"]
+    assert spent <= 150
+    assert final["stop_reason"] == "max_tokens"
+    assert len(final["samples"]) >= 1
+
+
+def test_deadline_holds(engine: Any) -> None:
+    start = time.monotonic()
+    final, events = run(engine, accept_threshold=1.0, deadline_s=1.5, max_new_tokens=400)
+    elapsed = time.monotonic() - start
+    assert final["stop_reason"] == "deadline"
+    assert elapsed < 1.5 * 1.1 + 1.0, elapsed  # a decode step, the final bookkeeping and the graph overhead
+    assert any(e["event"] == "deadline" for e in events)
+
+
+def test_pruning_keeps_the_top_k_by_score(engine: Any) -> None:
+    final, events = run(engine, strategy="prune", num_samples=4, keep_ratio=0.5, prune_checkpoints=(6,))
+    scored_at_checkpoint = {e["sample"]: e["p_win_or_tie"] for e in events if e["event"] == "scored" and e["tokens"] == 6}
+    pruned = next(e for e in events if e["event"] == "pruned")
+    unfinished = sorted(scored_at_checkpoint, key=lambda i: -scored_at_checkpoint[i])
+    assert pruned["kept"] == sorted(unfinished[: max(1, (len(unfinished) + 1) // 2)])
+    assert pruned["pruned"] == len(unfinished) - len(pruned["kept"])
+    pruned_ids = {s["index"] for s in final["samples"] if s["pruned"]}
+    assert pruned_ids == set(unfinished) - set(pruned["kept"])
+    assert all(s["num_tokens"] == 6 for s in final["samples"] if s["pruned"])  # they stopped at the checkpoint
+
+
+def test_best_of_n_returns_the_highest_scored_sample(engine: Any) -> None:
+    final, _ = run(engine, strategy="best_of_n", num_samples=4)
+    assert len(final["samples"]) == 4 and final["stop_reason"] == "best_of_n"
+    best = max(final["samples"], key=lambda s: s["score"])
+    assert final["answer_index"] == best["index"] and final["answer"] == best["text"]
+
+
+def test_graph_has_the_method_nodes_and_draws_offline(engine: Any, tmp_path: Any) -> None:
+    g = build_graph(engine).get_graph()
+    assert {"start", "generate", "self_evaluate", "prune", "accept"} <= set(g.nodes)
+    mermaid = g.draw_mermaid()
+    assert "self_evaluate -.-> prune" in mermaid and "prune --> generate" in mermaid
+    png = g.draw_png()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_state_is_json_serialisable(engine: Any) -> None:
+    import json
+
+    final, _ = run(engine, accept_threshold=0.0)
+    assert json.loads(json.dumps(final))["answer"] == final["answer"]
