@@ -21,7 +21,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
-from langchain_core.callbacks import CallbackManager, CallbackManagerForLLMRun
+from langchain_core.callbacks import CallbackManager, CallbackManagerForLLMRun, dispatch_custom_event
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.chat_models import generate_from_stream
 from langchain_core.messages import AIMessageChunk, BaseMessage
@@ -103,6 +103,8 @@ class ChatCapEval(BaseChatModel):
     """Torch device of the transformers engine."""
     policy: CapEvalConfig = Field(default_factory=CapEvalConfig)
     """How compute is spent; see :class:`CapEvalConfig`."""
+    stop: list[str] | None = None
+    """Stop strings applied to every call, besides the call's own ``stop``."""
     engine: Engine | None = Field(default=None, exclude=True)
     """A ready engine (overrides ``model``/``adapter``/``device``); shared between models."""
 
@@ -242,7 +244,7 @@ class ChatCapEval(BaseChatModel):
         policy = self.policy.merged({k: v for k, v in kwargs.items() if k in CapEvalConfig.field_names()})
         if "max_tokens" in kwargs and kwargs["max_tokens"] is not None:
             policy = policy.merged({"max_new_tokens": kwargs["max_tokens"]})
-        state_in = {"messages": to_chat_dicts(messages), "stop": list(stop or [])}
+        state_in = {"messages": to_chat_dicts(messages), "stop": [*(self.stop or []), *(stop or [])]}
         forward = _outer_stream_writer()
         graph = self.get_graph_runnable()
         final: dict[str, Any] = {}
@@ -253,8 +255,7 @@ class ChatCapEval(BaseChatModel):
                 state_in, context=policy, stream_mode=["custom", "values"], config={"callbacks": callbacks}
             ):
                 if mode == "custom":
-                    if callbacks is not None and run_manager is not None:
-                        callbacks.on_custom_event(PROGRESS_EVENT, chunk, run_id=run_manager.run_id)
+                    _dispatch_progress(chunk, callbacks, run_manager)
                     forward(chunk)
                 else:
                     final = chunk
@@ -351,13 +352,30 @@ def _child_callbacks(run_manager: CallbackManagerForLLMRun | None) -> CallbackMa
     )
 
 
+def _dispatch_progress(
+    event: dict[str, Any], callbacks: CallbackManager | None, run_manager: CallbackManagerForLLMRun | None
+) -> None:
+    """Send a progress event to LangChain callbacks as a custom event named ``PROGRESS_EVENT``.
+
+    ``invoke`` hands this model its run manager; ``stream`` does not (langchain-core
+    dispatches the tokens itself), so there the event goes to the enclosing run, if any.
+    """
+    if callbacks is not None and run_manager is not None:
+        callbacks.on_custom_event(PROGRESS_EVENT, event, run_id=run_manager.run_id)
+        return
+    try:
+        dispatch_custom_event(PROGRESS_EVENT, event)
+    except RuntimeError:  # no enclosing run to attach the event to
+        pass
+
+
 def _outer_stream_writer() -> Any:
     """The enclosing LangGraph run's custom stream writer, or a no-op outside one."""
     try:
         from langgraph.config import get_stream_writer
 
         return get_stream_writer()
-    except RuntimeError:
+    except (RuntimeError, KeyError):  # outside any runnable / inside a runnable that is not a LangGraph run
         return lambda _chunk: None
 
 

@@ -34,7 +34,7 @@ Strategy = Literal["adaptive", "best_of_n", "prune", "adaptive_prune"]
 class CapEvalConfig(BaseModel):
     """How ChatCapEval spends compute on one request. Every field can be overridden per call."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
     strategy: Strategy = "adaptive"
     """``adaptive``: sample in growing batches, stop once the best self-evaluation clears

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 class TransformersEngineConfig(BaseModel):
     """How to build a :class:`TransformersEngine`."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
     model: str | None = None
     """Local model folder or ``.gguf`` file; ``None`` is the embedded default, SmolLM2-135M-Instruct."""
