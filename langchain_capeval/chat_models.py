@@ -158,7 +158,7 @@ class ChatCapEval(BaseChatModel):
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
         params = super()._get_ls_params(stop=stop, **kwargs)
         params["ls_provider"] = "capeval"
-        params["ls_model_name"] = self.model_name
+        params["ls_model_name"] = kwargs.get("model") or self.model_name
         params["ls_temperature"] = self.policy.temperature
         params["ls_max_tokens"] = self.policy.max_new_tokens
         return params
@@ -172,18 +172,23 @@ class ChatCapEval(BaseChatModel):
 
     # -- engine and graph -------------------------------------------------------------------------
 
-    def get_engine(self) -> Engine:
-        """The engine (loaded on first use, shared per model)."""
+    def get_engine(self, model: str | None = None) -> Engine:
+        """The engine (loaded on first use, shared per model); ``model`` names another local model."""
+        if model is not None and model != self.model:
+            return shared_engine(model, self.adapter, self.device)
         if self.engine is None:
             self.engine = shared_engine(self.model, self.adapter, self.device)
         return self.engine
 
-    def get_graph_runnable(self) -> Any:
-        """The compiled adaptive-compute graph this model runs."""
-        if self._graph is None:
-            from langchain_capeval.graph import build_graph
+    def get_graph_runnable(self, model: str | None = None) -> Any:
+        """The compiled adaptive-compute graph over the engine of ``model`` (default: this model's)."""
+        from langchain_capeval.graph import build_graph
 
-            self._graph = build_graph(self.get_engine(), self.policy)
+        engine = self.get_engine(model)
+        if engine is not self.engine:
+            return build_graph(engine, self.policy)
+        if self._graph is None:
+            self._graph = build_graph(engine, self.policy)
         return self._graph
 
     # -- per-call overrides through configurable ------------------------------------------------
@@ -246,9 +251,10 @@ class ChatCapEval(BaseChatModel):
             policy = policy.merged({"max_new_tokens": kwargs["max_tokens"]})
         state_in = {"messages": to_chat_dicts(messages), "stop": [*(self.stop or []), *(stop or [])]}
         forward = _outer_stream_writer()
-        graph = self.get_graph_runnable()
+        model = kwargs.get("model")  # a per-call model override: another local model, with its own engine
+        graph = self.get_graph_runnable(model)
         final: dict[str, Any] = {}
-        engine = self.get_engine()
+        engine = self.get_engine(model)
         callbacks = _child_callbacks(run_manager)
         try:
             for mode, chunk in graph.stream(
