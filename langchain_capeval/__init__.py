@@ -9,6 +9,7 @@ Mid-Generation" (2024).
 Example:
     >>> from langchain_capeval import ChatCapEval  # doctest: +SKIP
     >>> ChatCapEval().invoke("What is 3 + 4?").content  # doctest: +SKIP
+
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from langchain_capeval.sampling import SamplingParams
 if TYPE_CHECKING:
     from langchain_capeval.chat_models import ChatCapEval
     from langchain_capeval.config import CapEvalConfig
-    from langchain_capeval.graph import build_graph
     from langchain_capeval.engines import Engine, TransformersEngine, load_engine
+    from langchain_capeval.graph import build_graph
 
 __version__ = "0.1.0"
 

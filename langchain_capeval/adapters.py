@@ -7,6 +7,7 @@ capability-aware. It is a plain PEFT LoRA adapter (``adapter_config.json`` +
 Example:
     >>> from langchain_capeval.adapters import default_adapter_path
     >>> default_adapter_path()  # None until an adapter ships  # doctest: +SKIP
+
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def apply_adapter(model: PreTrainedModel, adapter: str | os.PathLike[str]) -> Pr
     Raises:
         ModelNotInstalledError: ``adapter`` is not a folder with ``adapter_config.json``.
         MissingExtraError: ``peft`` is not installed.
+
     """
     path = Path(adapter).expanduser()
     if not (path / "adapter_config.json").is_file():

@@ -1,4 +1,4 @@
-"""Chat messages and the self-evaluation turn, rendered with the model's own template.
+r"""Chat messages and the self-evaluation turn, rendered with the model's own template.
 
 The self-evaluation turn is a new *user* message, ``SELF_EVALUATION_QUESTION``,
 followed by the assistant header; the model's next token is read as "No" (it
@@ -9,8 +9,12 @@ response, so an engine can append them on top of the response's KV cache.
 Example:
     >>> fmt = ChatFormat(tokenizer)  # doctest: +SKIP
     >>> prompt = fmt.encode([{"role": "user", "content": "What is 2+3?"}])  # doctest: +SKIP
-    >>> fmt.tokenizer.decode(fmt.self_evaluation_suffix)  # doctest: +SKIP
-    '<|im_end|>\\n<|im_start|>user\\nWould you do better if you started over? ("Yes." or "No.")<|im_end|>\\n<|im_start|>assistant\\n'
+    >>> print(fmt.tokenizer.decode(fmt.self_evaluation_suffix))  # doctest: +SKIP
+    <|im_end|>
+    <|im_start|>user
+    Would you do better if you started over? ("Yes." or "No.")<|im_end|>
+    <|im_start|>assistant
+
 """
 
 from __future__ import annotations
@@ -44,12 +48,13 @@ def validate_messages(messages: object) -> list[dict[str, str]]:
             non-string content, or a last message that is not from the user.
 
     Example:
-        >>> validate_messages([{"role": "user", "content": "hi"}])
+        >>> validate_messages([{"role": "user", "content": "hi"}])  # doctest: +ELLIPSIS
         [{'role': 'user', 'content': 'hi'}]
         >>> validate_messages([{"role": "robot", "content": "hi"}])
         Traceback (most recent call last):
         ...
-        langchain_capeval.errors.InvalidMessagesError: messages[0]: unknown role 'robot'; expected one of system, user, assistant
+        langchain_capeval.errors.InvalidMessagesError: messages[0]: unknown role 'robot'; ...
+
     """
     if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
         raise InvalidMessagesError(f"messages must be a list of messages, got {type(messages).__name__}")
@@ -58,7 +63,9 @@ def validate_messages(messages: object) -> list[dict[str, str]]:
     out: list[dict[str, str]] = []
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping):
-            raise InvalidMessagesError(f"messages[{i}]: expected a mapping with 'role' and 'content', got {type(m).__name__}")
+            raise InvalidMessagesError(
+                f"messages[{i}]: expected a mapping with 'role' and 'content', got {type(m).__name__}"
+            )
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
             raise InvalidMessagesError(f"messages[{i}]: unknown role {role!r}; expected one of {', '.join(ROLES)}")
@@ -77,6 +84,7 @@ class ChatFormat:
 
     Args:
         tokenizer: A Hugging Face tokenizer with a chat template.
+
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -115,8 +123,11 @@ class ChatFormat:
         return self._ids(text.split(_SENTINEL, 1)[1])
 
     def suffix_after(self, response_ids: Sequence[int]) -> list[int]:
-        """The self-evaluation suffix for a response; a response that already ended its turn
-        (its last token is the suffix's first, the end-of-turn token) skips that token."""
+        """The self-evaluation suffix for a response.
+
+        A response that already ended its turn (its last token is the suffix's first,
+        the end-of-turn token) skips that token.
+        """
         suffix = self.self_evaluation_suffix
         if response_ids and response_ids[-1] == suffix[0] and suffix[0] in self.eos_token_ids:
             return suffix[1:]

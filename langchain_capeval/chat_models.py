@@ -13,10 +13,12 @@ Example:
     (1, 'threshold_met')
     >>> cheap = llm.bind(max_samples=2)  # per-call budget  # doctest: +SKIP
     >>> strict = llm.with_config(configurable={"accept_threshold": 0.9})  # doctest: +SKIP
+
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
@@ -24,7 +26,7 @@ from typing import Any
 from langchain_core.callbacks import CallbackManager, CallbackManagerForLLMRun, dispatch_custom_event
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.chat_models import generate_from_stream
-from langchain_core.messages import AIMessageChunk, BaseMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import RunnableConfig
@@ -58,6 +60,7 @@ def to_chat_dicts(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
 
     Raises:
         InvalidMessagesError: A message type with no chat role, or non-text content.
+
     """
     roles = {"human": "user", "ai": "assistant", "system": "system"}
     out = []
@@ -199,33 +202,27 @@ class ChatCapEval(BaseChatModel):
         picked = {k: v for k, v in configurable.items() if k in CapEvalConfig.field_names()}
         return {**picked, **kwargs}
 
-    def invoke(
-        self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
-        **kwargs: Any,
-    ) -> BaseMessage:
+    def invoke(self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any) -> AIMessage:
         """Like ``BaseChatModel.invoke``; ``config["configurable"]`` may override policy fields."""
-        return super().invoke(input, config, stop=stop, **self._with_configurable(config, kwargs))
+        return super().invoke(input, config, **self._with_configurable(config, kwargs))
 
     async def ainvoke(
-        self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
-        **kwargs: Any,
-    ) -> BaseMessage:
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AIMessage:
         """Like ``BaseChatModel.ainvoke``; ``config["configurable"]`` may override policy fields."""
-        return await super().ainvoke(input, config, stop=stop, **self._with_configurable(config, kwargs))
+        return await super().ainvoke(input, config, **self._with_configurable(config, kwargs))
 
     def stream(
-        self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
-        **kwargs: Any,
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any
     ) -> Iterator[AIMessageChunk]:
         """Like ``BaseChatModel.stream``; ``config["configurable"]`` may override policy fields."""
-        yield from super().stream(input, config, stop=stop, **self._with_configurable(config, kwargs))
+        yield from super().stream(input, config, **self._with_configurable(config, kwargs))
 
     async def astream(
-        self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
-        **kwargs: Any,
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any
     ) -> AsyncIterator[AIMessageChunk]:
         """Like ``BaseChatModel.astream``; ``config["configurable"]`` may override policy fields."""
-        async for chunk in super().astream(input, config, stop=stop, **self._with_configurable(config, kwargs)):
+        async for chunk in super().astream(input, config, **self._with_configurable(config, kwargs)):
             yield chunk
 
     # -- BaseChatModel hooks ------------------------------------------------------------------------
@@ -333,7 +330,7 @@ def _token_pieces(engine: Engine, text: str) -> list[str]:
     ids = fmt.tokenizer(text, add_special_tokens=False)["input_ids"]
     pieces, prev = [], ""
     for i in range(1, len(ids) + 1):
-        cur = fmt.tokenizer.decode(ids[:i])
+        cur = str(fmt.tokenizer.decode(ids[:i]))
         if cur.endswith("\ufffd") and i < len(ids):  # an incomplete UTF-8 character: wait for the rest
             continue
         pieces.append(cur[len(prev) :])
@@ -369,10 +366,8 @@ def _dispatch_progress(
     if callbacks is not None and run_manager is not None:
         callbacks.on_custom_event(PROGRESS_EVENT, event, run_id=run_manager.run_id)
         return
-    try:
+    with contextlib.suppress(RuntimeError):  # no enclosing run to attach the event to
         dispatch_custom_event(PROGRESS_EVENT, event)
-    except RuntimeError:  # no enclosing run to attach the event to
-        pass
 
 
 def _outer_stream_writer() -> Any:
@@ -388,10 +383,8 @@ def _outer_stream_writer() -> Any:
 def _close_quietly(engine: Engine, request_id: str) -> None:
     from langchain_capeval.errors import UnknownRowError
 
-    try:
+    with contextlib.suppress(UnknownRowError):
         engine.close_request(request_id)
-    except UnknownRowError:
-        pass
 
 
 __all__ = ["PROGRESS_EVENT", "ChatCapEval", "shared_engine", "to_chat_dicts"]

@@ -3,9 +3,11 @@
 Commands:
     capeval chat "What is 3 + 4?"      answer with ChatCapEval, print the compute spent
     capeval convert                     convert (and cache) the embedded default model; report load times
+    capeval draw-graph                  draw the graph offline: docs/graph.mmd and docs/graph.png
 
 Example:
     $ capeval chat "What is the capital of France?" --strategy adaptive --max-samples 8
+
 """
 
 from __future__ import annotations
@@ -100,6 +102,20 @@ def cmd_convert(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_draw(ns: argparse.Namespace) -> int:
+    """Draw the graph offline: Mermaid text and a PNG (graphviz, no web service)."""
+    from pathlib import Path
+
+    from langchain_capeval.chat_models import shared_engine
+    from langchain_capeval.graph import build_graph
+
+    drawable = build_graph(shared_engine(None, None, "cpu")).get_graph()
+    Path(ns.mermaid).write_text(drawable.draw_mermaid())
+    drawable.draw_png(ns.png)
+    print(f"wrote {ns.mermaid} and {ns.png}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``capeval``."""
     parser = argparse.ArgumentParser(prog="capeval", description="Adaptive inference-time compute for LangChain.")
@@ -118,6 +134,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     conv.add_argument("--model", default=None)
     conv.add_argument("--fresh", action="store_true", help="delete the cached copy first")
     conv.set_defaults(func=cmd_convert)
+
+    from langchain_capeval.training.cli import add_training_commands  # build-data, train, eval-selfeval
+
+    add_training_commands(sub)
+
+    draw = sub.add_parser("draw-graph", help="draw the adaptive-compute graph offline (Mermaid text and PNG)")
+    draw.add_argument("--mermaid", default="docs/graph.mmd")
+    draw.add_argument("--png", default="docs/graph.png")
+    draw.set_defaults(func=cmd_draw)
 
     ns = parser.parse_args(argv)
     try:

@@ -19,6 +19,7 @@ Example:
     pydantic_core._pydantic_core.ValidationError: 1 validation error for CapEvalConfig
     accept_threshold
     ...
+
 """
 
 from __future__ import annotations

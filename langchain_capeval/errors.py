@@ -12,6 +12,7 @@ Example:
     ... except ValueError as e:
     ...     print(e)
     messages: the list is empty
+
 """
 
 from __future__ import annotations

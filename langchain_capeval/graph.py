@@ -23,6 +23,7 @@ Example:
     >>> out = graph.invoke({"messages": [{"role": "user", "content": "What is 3 + 4?"}]})  # doctest: +SKIP
     >>> out["answer"], out["stop_reason"]  # doctest: +SKIP
     ('3 + 4 = 7', 'threshold_met')
+
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from typing import Annotated, Any, Literal, TypedDict
+from typing import Annotated, Any, Literal, TypedDict, cast
 
 from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, StateGraph
@@ -264,9 +265,10 @@ class CapEvalNodes:
         """Ask the model, for each unscored sample, whether it would do better by starting over."""
         todo = [s for s in state["samples"] if not s["pruned"] and s["scored_at"] != s["num_tokens"]]
         evals = self.engine.self_evaluate([s["row"] for s in todo])
-        records, trace = [], []
+        records: list[SampleRecord] = []
+        trace: list[dict[str, Any]] = []
         for s, e in zip(todo, evals, strict=True):
-            records.append({**s, "score": e.p_win_or_tie, "scored_at": s["num_tokens"]})
+            records.append(_updated(s, score=e.p_win_or_tie, scored_at=s["num_tokens"]))
             trace += _emit(
                 {
                     "event": "scored",
@@ -277,7 +279,7 @@ class CapEvalNodes:
                     "finished": s["finished"],
                 }
             )
-        update: CapEvalState = {"samples": records, "usage": self._usage(state), "trace": trace}  # type: ignore[typeddict-item]
+        update: CapEvalState = {"samples": records, "usage": self._usage(state), "trace": trace}
         deadline = state.get("deadline_at")
         if deadline is not None and time.monotonic() >= deadline:
             update["stop_reason"] = "deadline"
@@ -299,7 +301,7 @@ class CapEvalNodes:
                 "kept": [s["index"] for i, s in enumerate(active) if i in keep],
             }
         )
-        return {"samples": [{**s, "pruned": True} for s in dropped], "trace": trace}  # type: ignore[typeddict-item]
+        return {"samples": [_updated(s, pruned=True) for s in dropped], "trace": trace}
 
     def accept(self, state: CapEvalState, runtime: Runtime[CapEvalConfig]) -> CapEvalState:
         """Return the best-scored sample (best-of-N over everything drawn) and free the request."""
@@ -338,19 +340,26 @@ class CapEvalNodes:
         return route_after_self_evaluation(state, self.settings(runtime), self.eval_tokens)
 
 
+def _updated(record: SampleRecord, **changes: Any) -> SampleRecord:
+    """A copy of ``record`` with ``changes`` (state is never mutated in place)."""
+    return cast(SampleRecord, {**record, **changes})
+
+
 def _with_sample(record: SampleRecord, sample: Sample) -> SampleRecord:
-    return {
-        **record,
-        "text": sample.text,
-        "num_tokens": sample.num_tokens,
-        "finished": sample.finished,
-        "finish_reason": sample.finish_reason,
-    }
+    return _updated(
+        record,
+        text=sample.text,
+        num_tokens=sample.num_tokens,
+        finished=sample.finished,
+        finish_reason=sample.finish_reason,
+    )
 
 
-def build_graph(engine: Engine, config: CapEvalConfig | None = None) -> CompiledStateGraph:
-    """The adaptive-compute graph over ``engine``; ``config`` is the default policy, overridable per run
-    through the run's ``context``."""
+def build_graph(engine: Engine, config: CapEvalConfig | None = None) -> CompiledStateGraph[Any, Any, Any, Any]:
+    """The adaptive-compute graph over ``engine``.
+
+    ``config`` is the default policy, overridable per run through the run's ``context``.
+    """
     nodes = CapEvalNodes(engine, config or CapEvalConfig())
     graph = StateGraph(CapEvalState, context_schema=CapEvalConfig)
     graph.add_node("start", nodes.start)
@@ -361,9 +370,7 @@ def build_graph(engine: Engine, config: CapEvalConfig | None = None) -> Compiled
     graph.add_edge(START, "start")
     graph.add_edge("start", "generate")
     graph.add_conditional_edges("generate", route_after_generate, ["self_evaluate", "accept"])
-    graph.add_conditional_edges(
-        "self_evaluate", nodes.route_after_self_evaluation, ["prune", "generate", "accept"]
-    )
+    graph.add_conditional_edges("self_evaluate", nodes.route_after_self_evaluation, ["prune", "generate", "accept"])
     graph.add_edge("prune", "generate")
     graph.add_edge("accept", END)
     # The budget and the batch schedule bound the loop; the recursion limit must never be what stops it.

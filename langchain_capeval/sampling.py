@@ -13,6 +13,7 @@ Example:
     Traceback (most recent call last):
     ...
     langchain_capeval.errors.InvalidSamplingError: top_p must be in (0, 1], got 0
+
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class SamplingParams:
         seed: Seed of the row's own random stream. Rows with the same seed,
             prompt and settings produce the same tokens whatever else shares
             their batch.
+
     """
 
     temperature: float = 0.7

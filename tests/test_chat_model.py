@@ -144,7 +144,11 @@ def test_inside_an_outer_graph_only_the_accepted_answer_streams(llm: ChatCapEval
     answer_msg = final["messages"][-1]
     streamed = "".join(str(t.content) for t in tokens if isinstance(t, AIMessageChunk))
     assert streamed == answer_msg.content
-    others = [s for s in answer_msg.response_metadata["samples"] if s["index"] != answer_msg.response_metadata["accepted_sample"]]
+    others = [
+        s
+        for s in answer_msg.response_metadata["samples"]
+        if s["index"] != answer_msg.response_metadata["accepted_sample"]
+    ]
     assert len(others) == 2
     assert [p["event"] for p in progress].count("scored") == 3
     assert progress[-1]["event"] == "accepted"
@@ -152,7 +156,12 @@ def test_inside_an_outer_graph_only_the_accepted_answer_streams(llm: ChatCapEval
 
 def test_conversation_with_system_message(llm: ChatCapEval) -> None:
     msg = llm.invoke(
-        [SystemMessage("You answer in one word."), HumanMessage("Hi"), AIMessage("Hello"), HumanMessage("Capital of Italy?")],
+        [
+            SystemMessage("You answer in one word."),
+            HumanMessage("Hi"),
+            AIMessage("Hello"),
+            HumanMessage("Capital of Italy?"),
+        ],
         max_samples=1,
     )
     assert msg.content

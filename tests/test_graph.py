@@ -66,7 +66,9 @@ def test_deadline_holds(engine: Any) -> None:
 
 def test_pruning_keeps_the_top_k_by_score(engine: Any) -> None:
     final, events = run(engine, strategy="prune", num_samples=4, keep_ratio=0.5, prune_checkpoints=(6,))
-    scored_at_checkpoint = {e["sample"]: e["p_win_or_tie"] for e in events if e["event"] == "scored" and e["tokens"] == 6}
+    scored_at_checkpoint = {
+        e["sample"]: e["p_win_or_tie"] for e in events if e["event"] == "scored" and e["tokens"] == 6
+    }
     pruned = next(e for e in events if e["event"] == "pruned")
     unfinished = sorted(scored_at_checkpoint, key=lambda i: -scored_at_checkpoint[i])
     assert pruned["kept"] == sorted(unfinished[: max(1, (len(unfinished) + 1) // 2)])

@@ -6,6 +6,7 @@
 Example:
     >>> from langchain_capeval.engines import load_engine
     >>> engine = load_engine()  # SmolLM2-135M-Instruct, with the shipped adapter if any  # doctest: +SKIP
+
 """
 
 from __future__ import annotations

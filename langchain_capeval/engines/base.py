@@ -25,6 +25,7 @@ Example:
     >>> engine.generate(rows, until=16)  # doctest: +SKIP
     >>> scores = engine.self_evaluate(rows)  # doctest: +SKIP
     >>> engine.release(rows)  # doctest: +SKIP
+
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class Usage:
         self_eval_tokens: Tokens pushed through the model to self-evaluate
             (the pending sampled token plus the self-evaluation turn).
         wall_time_s: Seconds spent inside the engine on this row or request.
+
     """
 
     prompt_tokens: int = 0
@@ -90,6 +92,7 @@ class Sample:
         temperature: The temperature the row was sampled at.
         usage: Generated and self-evaluation tokens of this row (prompt tokens
             are counted per request).
+
     """
 
     row: RowId
@@ -118,6 +121,7 @@ class SelfEvaluation:
         p_no: Raw P("No") over the whole vocabulary.
         p_yes: Raw P("Yes") over the whole vocabulary.
         num_tokens: Response tokens the evaluation saw (a prefix, mid-generation).
+
     """
 
     row: RowId
@@ -154,6 +158,7 @@ class Engine(Protocol):
         Raises:
             PromptTooLongError: The prompt plus ``max_new_tokens`` does not fit.
             InvalidSamplingError: ``params`` is empty.
+
         """
         ...
 

@@ -9,6 +9,7 @@ Example:
     >>> logits = torch.tensor([[0.0, 5.0, 0.0], [3.0, 0.0, 0.0]])
     >>> sample_next_tokens(logits, torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.5]), torch.tensor([0.9, 0.99]))
     tensor([1, 0])
+
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def sample_next_tokens(
 
     Returns:
         ``[B]`` token ids.
+
     """
     logits = logits.float()
     greedy = temperature <= 0
@@ -37,17 +39,20 @@ def sample_next_tokens(
     if bool(greedy.all()):
         return out
     probs = torch.softmax(logits / temperature.clamp_min(1e-5)[:, None], dim=-1)
-    if bool((top_p < 1).any()):
-        sorted_p, order = probs.sort(dim=-1, descending=True)
+    # Each row's inverse CDF runs over its own token order: vocabulary order without top-p,
+    # descending probability with it; so a row's token never depends on the other rows' top_p.
+    cum = probs.cumsum(dim=-1)
+    pick = torch.searchsorted(cum, (uniform * cum[:, -1])[:, None], right=True).clamp_max(cum.shape[1] - 1)
+    sampled = pick.squeeze(1)
+    nucleus = top_p < 1
+    if bool(nucleus.any()):
+        sorted_p, order = probs[nucleus].sort(dim=-1, descending=True, stable=True)
         cum = sorted_p.cumsum(dim=-1)
-        sorted_p = sorted_p.masked_fill(cum - sorted_p >= top_p[:, None], 0.0)
+        sorted_p = sorted_p.masked_fill(cum - sorted_p >= top_p[nucleus, None], 0.0)
         cum = sorted_p.cumsum(dim=-1)
-        pick = torch.searchsorted(cum, (uniform * cum[:, -1])[:, None], right=True).clamp_max(cum.shape[1] - 1)
-        sampled = order.gather(1, pick).squeeze(1)
-    else:
-        cum = probs.cumsum(dim=-1)
-        pick = torch.searchsorted(cum, (uniform * cum[:, -1])[:, None], right=True).clamp_max(cum.shape[1] - 1)
-        sampled = pick.squeeze(1)
+        u = uniform[nucleus] * cum[:, -1]
+        pick = torch.searchsorted(cum, u[:, None], right=True).clamp_max(cum.shape[1] - 1)
+        sampled = sampled.masked_scatter(nucleus, order.gather(1, pick).squeeze(1))
     return torch.where(greedy, out, sampled)
 
 
@@ -62,6 +67,7 @@ def answer_probabilities(logits: torch.Tensor, no_id: int, yes_id: int) -> tuple
 
     Returns:
         Two ``[B]`` tensors (float64): P("No"), P("Yes").
+
     """
     logp = torch.log_softmax(logits.double(), dim=-1)
     return logp[:, no_id].exp(), logp[:, yes_id].exp()
@@ -73,6 +79,7 @@ def win_or_tie_probability(p_no: float, p_yes: float) -> float:
     Example:
         >>> win_or_tie_probability(0.3, 0.1)
         0.75
+
     """
     total = p_no + p_yes
     return p_no / total if total > 0 else 0.5

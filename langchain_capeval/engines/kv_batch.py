@@ -18,6 +18,7 @@ Example:
     >>> logits = batch.forward(model, torch.tensor([[1, 2, 3]]))  # prefill  # doctest: +SKIP
     >>> batch.length  # doctest: +SKIP
     3
+
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class _BufferLayer(DynamicLayer):
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
 
-    def update(  # type: ignore[override]
+    def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + key_states.shape[-2]
@@ -76,6 +77,7 @@ def chunk_attention_mask(cache_mask: torch.Tensor, chunk_mask: torch.Tensor) -> 
     Returns:
         ``[B, 1, S, L + S]``: query i attends to the cache's real columns and to the
         chunk's real tokens at positions <= i (True = attend).
+
     """
     s = chunk_mask.shape[1]
     causal = torch.ones(s, s, dtype=torch.bool, device=chunk_mask.device).tril_()
@@ -102,6 +104,7 @@ class KVBatch:
         mask: ``[B, capacity]`` True where a column holds a real token.
         next_pos: ``[B]`` position id of each row's next token.
         length: Columns in use.
+
     """
 
     def __init__(
@@ -167,6 +170,7 @@ class KVBatch:
 
         Returns:
             ``[B, vocab]`` logits at the chunk's last position.
+
         """
         b, s = input_ids.shape
         if input_mask is None:
