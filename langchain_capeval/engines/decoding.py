@@ -77,7 +77,7 @@ def win_or_tie_probability(p_no: float, p_yes: float) -> float:
     """P("No") normalised over the two answers: P(a fresh sample would not beat this one).
 
     Example:
-        >>> win_or_tie_probability(0.3, 0.1)
+        >>> round(win_or_tie_probability(0.3, 0.1), 6)
         0.75
 
     """
