@@ -125,7 +125,7 @@ class ChatCapEval(BaseChatModel):
         if "max_tokens" in values and values["max_tokens"] is not None:
             fields["max_new_tokens"] = values.pop("max_tokens")
         values.pop("max_tokens", None)
-        for name in CapEvalConfig.field_names() - {"max_tokens"}:
+        for name in CapEvalConfig.field_names():
             if name in values:
                 fields[name] = values.pop(name)
         values["policy"] = CapEvalConfig.model_validate(fields)

@@ -78,7 +78,7 @@ class CapEvalConfig(BaseModel):
     max_samples: int = Field(default=16, ge=1)
     """Budget: most samples drawn for one request."""
 
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_total_tokens: int | None = Field(default=None, ge=1)
     """Budget: most tokens generated plus self-evaluation tokens for one request; ``None``: no limit."""
 
     deadline_s: float | None = Field(default=None, gt=0.0)

@@ -25,7 +25,7 @@ from typing import Literal
 
 from langchain_capeval.config import CapEvalConfig
 
-StopReason = Literal["threshold_met", "best_of_n", "max_samples", "max_tokens", "deadline", "schedule_done"]
+StopReason = Literal["threshold_met", "best_of_n", "max_samples", "max_total_tokens", "deadline", "schedule_done"]
 """Why sampling stopped, as reported in ``response_metadata["stop_reason"]``."""
 
 
@@ -83,8 +83,8 @@ def plan_next_batch(
         wanted = config.batch_schedule[batches_drawn]
     size = min(wanted, config.max_samples - samples_drawn)
     max_new = config.max_new_tokens
-    if config.max_tokens is not None:
-        left = config.max_tokens - tokens_spent
+    if config.max_total_tokens is not None:
+        left = config.max_total_tokens - tokens_spent
         while size > 0:
             evals = self_evaluations_per_sample(config, size) * eval_tokens
             max_new = min(config.max_new_tokens, left // size - evals)
@@ -121,7 +121,7 @@ def budget_stop_reason(
         return "best_of_n"
     if batches_drawn >= len(config.batch_schedule):
         return "schedule_done"
-    return "max_tokens"
+    return "max_total_tokens"
 
 
 def prune_survivors(scores: Sequence[float], keep_ratio: float) -> list[int]:

@@ -48,10 +48,10 @@ def test_unmet_threshold_resamples_with_annealing_until_the_sample_budget(engine
 
 
 def test_token_budget_is_never_exceeded(engine: Any) -> None:
-    final, _ = run(engine, accept_threshold=1.0, max_tokens=150)
+    final, _ = run(engine, accept_threshold=1.0, max_total_tokens=150)
     spent = final["usage"]["generated_tokens"] + final["usage"]["self_eval_tokens"]
     assert spent <= 150
-    assert final["stop_reason"] == "max_tokens"
+    assert final["stop_reason"] == "max_total_tokens"
     assert len(final["samples"]) >= 1
 
 

@@ -61,7 +61,7 @@ def test_sample_budget_caps_the_batch() -> None:
 @pytest.mark.parametrize("spent", [0, 100, 500, 900, 990])
 @pytest.mark.parametrize("strategy", ["adaptive", "adaptive_prune", "prune", "best_of_n"])
 def test_token_budget_holds_by_construction(spent: int, strategy: str) -> None:
-    cfg = CapEvalConfig(strategy=strategy, max_tokens=1000, max_new_tokens=200, prune_checkpoints=(16, 64))
+    cfg = CapEvalConfig(strategy=strategy, max_total_tokens=1000, max_new_tokens=200, prune_checkpoints=(16, 64))
     batches = 0 if strategy in ("prune", "best_of_n") else 2
     plan = plan_next_batch(cfg, batches_drawn=batches, samples_drawn=batches, tokens_spent=spent, eval_tokens=28)
     if plan is None:
@@ -73,9 +73,9 @@ def test_token_budget_holds_by_construction(spent: int, strategy: str) -> None:
 
 
 def test_token_budget_too_small_for_any_sample() -> None:
-    cfg = CapEvalConfig(max_tokens=20)
+    cfg = CapEvalConfig(max_total_tokens=20)
     assert plan_next_batch(cfg, batches_drawn=0, samples_drawn=0, tokens_spent=0, eval_tokens=28) is None
-    assert budget_stop_reason(cfg, batches_drawn=0, samples_drawn=0, tokens_spent=0, eval_tokens=28) == "max_tokens"
+    assert budget_stop_reason(cfg, batches_drawn=0, samples_drawn=0, tokens_spent=0, eval_tokens=28) == "max_total_tokens"
 
 
 def test_threshold() -> None:
@@ -105,7 +105,7 @@ def test_best_of_n() -> None:
         ({"accept_threshold": 1.5}, "accept_threshold"),
         ({"accept_threshold": -0.1}, "accept_threshold"),
         ({"max_samples": 0}, "max_samples"),
-        ({"max_tokens": -5}, "max_tokens"),
+        ({"max_total_tokens": -5}, "max_total_tokens"),
         ({"deadline_s": -1.0}, "deadline_s"),
         ({"batch_schedule": ()}, "batch_schedule"),
         ({"batch_schedule": (1, 0)}, "batch_schedule"),
