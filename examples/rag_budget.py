@@ -111,7 +111,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         scores = ", ".join("-" if s["p_win_or_tie"] is None else f"{s['p_win_or_tie']:.2f}" for s in meta["samples"])
         print(f"sources   {', '.join(doc.metadata['source'] for doc in out['docs'])}")
         print(f"answer    {out['answer'].content}")
-        print(f"budget    {allowance.max_samples} samples, {allowance.max_total_tokens} tokens, {allowance.deadline_s:.1f}s")
+        tokens, seconds = allowance.max_total_tokens, allowance.deadline_s
+        print(f"budget    {allowance.max_samples} samples, {tokens} tokens, {seconds:.1f}s")
         print(
             f"spent     {spent.samples} samples, {spent.tokens} tokens, {meta['compute']['wall_time_s']:.1f}s; "
             f"P(win or tie) {scores}; stopped: {meta['stop_reason']}"

@@ -70,7 +70,11 @@ class Allowance:
 
     def overrides(self) -> dict[str, Any]:
         """The allowance as per-call overrides, for ``.bind(**...)`` or ``configurable``."""
-        fields = {"max_samples": self.max_samples, "max_total_tokens": self.max_total_tokens, "deadline_s": self.deadline_s}
+        fields = {
+            "max_samples": self.max_samples,
+            "max_total_tokens": self.max_total_tokens,
+            "deadline_s": self.deadline_s,
+        }
         return {k: v for k, v in fields.items() if v is not None}
 
 
@@ -174,7 +178,9 @@ class SessionBudget(BaseModel):
             if ledger.started_at is None:
                 ledger.started_at = self.clock()
             reserved = list(ledger.outstanding.values())
-            tokens = _share("max_total_tokens", self.tokens_left, sum(a.max_total_tokens or 0 for a in reserved), waiting)
+            tokens = _share(
+                "max_total_tokens", self.tokens_left, sum(a.max_total_tokens or 0 for a in reserved), waiting
+            )
             samples = _share("max_samples", self.samples_left, sum(a.max_samples or 0 for a in reserved), waiting)
             seconds = self.seconds_left
             if seconds is not None and seconds <= 0:

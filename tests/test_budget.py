@@ -125,7 +125,9 @@ def test_invalid_budgets_name_the_field(kwargs: dict[str, Any], field: str) -> N
     max_samples=st.integers(1, 20),
     use=st.lists(st.floats(0.0, 1.0), min_size=8, max_size=8),
 )
-def test_never_more_than_what_is_left(questions: int, max_total_tokens: int, max_samples: int, use: list[float]) -> None:
+def test_never_more_than_what_is_left(
+    questions: int, max_total_tokens: int, max_samples: int, use: list[float]
+) -> None:
     budget = SessionBudget(questions=questions, max_total_tokens=max_total_tokens, max_samples=max_samples)
     for i in range(questions):
         try:

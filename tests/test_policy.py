@@ -75,7 +75,9 @@ def test_token_budget_holds_by_construction(spent: int, strategy: str) -> None:
 def test_token_budget_too_small_for_any_sample() -> None:
     cfg = CapEvalConfig(max_total_tokens=20)
     assert plan_next_batch(cfg, batches_drawn=0, samples_drawn=0, tokens_spent=0, eval_tokens=28) is None
-    assert budget_stop_reason(cfg, batches_drawn=0, samples_drawn=0, tokens_spent=0, eval_tokens=28) == "max_total_tokens"
+    assert (
+        budget_stop_reason(cfg, batches_drawn=0, samples_drawn=0, tokens_spent=0, eval_tokens=28) == "max_total_tokens"
+    )
 
 
 def test_threshold() -> None:
