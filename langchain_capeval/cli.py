@@ -138,6 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from langchain_capeval.training.cli import add_training_commands  # build-data, train, eval-selfeval
 
     add_training_commands(sub)
+    from langchain_capeval.server.cli import add_serve_command  # capeval serve
+
+    add_serve_command(sub)
 
     draw = sub.add_parser("draw-graph", help="draw the adaptive-compute graph offline (Mermaid text and PNG)")
     draw.add_argument("--mermaid", default="docs/graph.mmd")

@@ -83,3 +83,40 @@ class InvalidTaskError(CapEvalInputError):
 
 class InvalidRewardError(CapEvalInputError):
     """A reward, a reward source's input or output, or a preference setting is invalid."""
+
+
+class ServerError(CapEvalError, RuntimeError):
+    """An OpenAI-compatible server failed (HTTP 5xx, a broken stream, an unusable answer) after any retries."""
+
+    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+        self.status_code = status_code
+        super().__init__(message)
+
+
+class ServerConnectionError(ServerError, ConnectionError):
+    """An OpenAI-compatible server could not be reached; the message names the URL and the retries made."""
+
+
+class ServerTimeoutError(ServerError, TimeoutError):
+    """An OpenAI-compatible server did not answer within the configured timeout; the message names it."""
+
+
+class ServerRequestError(CapEvalInputError):
+    """An OpenAI-compatible server rejected a request (HTTP 4xx); the message carries the server's own message."""
+
+    def __init__(self, message: str, *, status_code: int | None = None, code: str | None = None) -> None:
+        self.status_code = status_code
+        self.code = code
+        super().__init__(message)
+
+
+class ServerFeatureError(UnsupportedFeatureError):
+    """An OpenAI-compatible server lacks a feature the client engine needs (for example top-k logprobs)."""
+
+    def __init__(self, feature: str, detail: str) -> None:
+        self.feature = feature
+        super().__init__(f"the server does not support {feature}: {detail}")
+
+
+class RequestCancelledError(CapEvalError):
+    """A request was cancelled (its HTTP client disconnected); its engine rows are being freed."""

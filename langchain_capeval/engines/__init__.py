@@ -2,6 +2,8 @@
 
 * :class:`~langchain_capeval.engines.transformers.TransformersEngine`: any Hugging Face
   causal LM on CPU or GPU; the embedded default.
+* :class:`~langchain_capeval.engines.openai_client.OpenAICompatibleEngine`: a remote
+  OpenAI-compatible server (vLLM, SGLang, llama.cpp, ``capeval serve``) over ``/v1/completions``.
 
 Example:
     >>> from langchain_capeval.engines import load_engine
@@ -12,6 +14,7 @@ Example:
 from __future__ import annotations
 
 from langchain_capeval.engines.base import Engine, FinishReason, RowId, Sample, SelfEvaluation, Usage
+from langchain_capeval.engines.openai_client import OpenAICompatibleEngine, OpenAIEngineConfig
 from langchain_capeval.engines.transformers import TransformersEngine, TransformersEngineConfig
 
 
@@ -23,6 +26,8 @@ def load_engine(model: str | None = None, *, adapter: str | None = "default", de
 __all__ = [
     "Engine",
     "FinishReason",
+    "OpenAICompatibleEngine",
+    "OpenAIEngineConfig",
     "RowId",
     "Sample",
     "SelfEvaluation",
