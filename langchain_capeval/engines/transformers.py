@@ -45,6 +45,8 @@ from langchain_capeval.sampling import SamplingParams
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from langchain_capeval.models import LoadReport
+
 
 class TransformersEngineConfig(BaseModel):
     """How to build a :class:`TransformersEngine`."""
@@ -115,6 +117,7 @@ class TransformersEngine:
         self._batches: list[KVBatch] = []  # every live row's cache is in exactly one batch
         self._ids = itertools.count()
         self._lock = threading.RLock()
+        self.load_report: LoadReport | None = None
 
     @classmethod
     def from_config(cls, config: TransformersEngineConfig | None = None) -> TransformersEngine:
@@ -172,7 +175,8 @@ class TransformersEngine:
             raise InvalidSamplingError("prompt_ids: the prompt is empty")
         vocab = self.model.config.get_text_config(decoder=True).vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
-            raise InvalidSamplingError(f"prompt_ids: token ids must be in [0, {vocab}), got {min(prompt)}..{max(prompt)}")
+            lo, hi = min(prompt), max(prompt)
+            raise InvalidSamplingError(f"prompt_ids: token ids must be in [0, {vocab}), got {lo}..{hi}")
         longest = max(p.max_new_tokens for p in params)
         budget = self.context_length - self._suffix_room
         if len(prompt) + longest > budget:
