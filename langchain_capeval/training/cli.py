@@ -1,0 +1,150 @@
+"""The training commands of ``capeval``: ``build-data``, ``train``, ``eval-selfeval``.
+
+Every flag is generated from a config field (its type from the annotation, its help from
+the field's docstring), so the command line and the Python API cannot drift apart.
+
+Example:
+    $ capeval build-data --max-prompts-per-family 24 --num-threads 1
+    $ capeval train --data results/training/data/preferences.jsonl --output-dir /tmp/adapter
+    $ capeval eval-selfeval --adapter /tmp/adapter --output-dir /tmp/eval
+
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+from pydantic import BaseModel
+
+from langchain_capeval.training.config import PreferenceDataConfig, SelfEvalEvalConfig, SelfEvalTrainingConfig
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def _tuple_of(kind: type) -> Any:
+    def parse(text: str) -> tuple[Any, ...]:
+        return tuple(kind(x.strip()) for x in text.split(",") if x.strip())
+
+    parse.__name__ = f"comma-separated {kind.__name__}s"
+    return parse
+
+
+def _none_or(kind: Callable[[str], Any]) -> Any:
+    def parse(text: str) -> Any:
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = getattr(kind, "__name__", "value")
+    return parse
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config: type[BaseModel]) -> None:
+    """Add one ``--flag`` per field of a pydantic config, typed from its annotation, helped by its docstring.
+
+    Tuples take comma-separated values; optional fields take ``none``; booleans take ``--x/--no-x``.
+
+    Example:
+        >>> p = argparse.ArgumentParser()
+        >>> add_config_arguments(p, PreferenceDataConfig)
+        >>> ns = p.parse_args(["--families", "add1,capitals", "--max-prompts-per-family", "3"])
+        >>> config_from_args(PreferenceDataConfig, ns).families
+        ('add1', 'capitals')
+
+    """
+    for name, field in config.model_fields.items():
+        ann = field.annotation
+        args = [a for a in get_args(ann) if a is not type(None)]
+        optional = type(None) in get_args(ann)
+        base = args[0] if optional and len(args) == 1 else ann
+        help_text = " ".join((field.description or "").split()).replace("%", "%%")
+        kwargs: dict[str, Any] = {
+            "dest": name,
+            "default": argparse.SUPPRESS,
+            "help": f"{help_text} (default: {field.default!r})",
+        }
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif get_origin(base) is Literal:
+            kwargs["choices"] = get_args(base)
+        elif get_origin(base) is tuple:
+            inner = get_args(base)[0]
+            inner = get_args(inner)[0] if get_origin(inner) is Literal else inner
+            parse = _tuple_of(type(inner) if not isinstance(inner, type) else inner)
+            kwargs["type"] = _none_or(parse) if optional else parse
+        elif base in (int, float, str):
+            kind: Callable[[str], Any] = base  # type: ignore[assignment]
+            kwargs["type"] = _none_or(kind) if optional else kind
+        parser.add_argument("--" + name.replace("_", "-"), **kwargs)
+
+
+def config_from_args(config: type[C], ns: argparse.Namespace) -> C:
+    """Build a config from the flags that were given (the others keep their defaults; ``none`` gives ``None``)."""
+    given = {k: getattr(ns, k) for k in config.model_fields if hasattr(ns, k)}
+    return config(**given)
+
+
+def _log() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+
+def cmd_build_data(ns: argparse.Namespace) -> int:
+    """Sample, label and write on-policy preference data; print the data card."""
+    from langchain_capeval.engines.transformers import TransformersEngine, TransformersEngineConfig
+    from langchain_capeval.training.dataset import PreferenceDataBuilder
+
+    _log()
+    config = config_from_args(PreferenceDataConfig, ns)
+    engine = TransformersEngine.from_config(
+        TransformersEngineConfig(model=config.model, adapter=None, num_threads=config.num_threads)
+    )
+    card = PreferenceDataBuilder(engine, config).build()
+    print(json.dumps({k: card[k] for k in ("counts", "tie_rate", "label_balance")}, indent=2))
+    return 0
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    """Train a self-evaluation LoRA and save it."""
+    from langchain_capeval.training.trainer import SelfEvalTrainer
+
+    _log()
+    config = config_from_args(SelfEvalTrainingConfig, ns)
+    trainer = SelfEvalTrainer.from_config(config)
+    result = trainer.train()
+    out = trainer.save()
+    print(f"trained {result.steps} steps on {result.examples} sequences in {result.seconds:.0f}s; saved {out}")
+    return 0
+
+
+def cmd_eval_selfeval(ns: argparse.Namespace) -> int:
+    """Evaluate an adapter against the zero-shot base model; print the table, write JSON and the PNG."""
+    from langchain_capeval.training.evaluate import evaluate_self_evaluation, render_table
+
+    _log()
+    config = config_from_args(SelfEvalEvalConfig, ns)
+    report = evaluate_self_evaluation(config)
+    print(render_table(report))
+    return 0
+
+
+def add_training_commands(subparsers: Any) -> None:
+    """Register ``build-data``, ``train`` and ``eval-selfeval`` on a ``capeval`` subparsers object.
+
+    Example:
+        >>> parser = argparse.ArgumentParser(prog="capeval")
+        >>> add_training_commands(parser.add_subparsers(dest="command"))
+        >>> parser.parse_args(["train", "--lora-r", "8"]).lora_r
+        8
+
+    """
+    commands = (
+        ("build-data", PreferenceDataConfig, cmd_build_data, "sample on-policy preference data with ties"),
+        ("train", SelfEvalTrainingConfig, cmd_train, "train a self-evaluation LoRA adapter"),
+        ("eval-selfeval", SelfEvalEvalConfig, cmd_eval_selfeval, "evaluate self-evaluation vs the base model"),
+    )
+    for name, config, func, help_text in commands:
+        parser = subparsers.add_parser(name, help=help_text, description=(config.__doc__ or "").strip())
+        add_config_arguments(parser, config)
+        parser.set_defaults(func=func)

@@ -1,0 +1,282 @@
+"""The three configs of the self-evaluation training pipeline: data, training, evaluation.
+
+Each stage has one frozen, validated pydantic config; every field carries a docstring
+that is also the help of its ``capeval`` flag (see :mod:`langchain_capeval.training.cli`).
+
+- :class:`PreferenceDataConfig`: on-policy samples, rewards, win-or-tie targets, prefixes
+  (``capeval build-data``, :class:`~langchain_capeval.training.dataset.PreferenceDataBuilder`).
+- :class:`SelfEvalTrainingConfig`: the LoRA and its loss
+  (``capeval train``, :class:`~langchain_capeval.training.trainer.SelfEvalTrainer`).
+- :class:`SelfEvalEvalConfig`: held-out discrimination, calibration, best-of-N
+  (``capeval eval-selfeval``, :func:`~langchain_capeval.training.evaluate.evaluate_self_evaluation`).
+
+Example:
+    >>> from langchain_capeval.training.config import PreferenceDataConfig, SelfEvalTrainingConfig
+    >>> PreferenceDataConfig().num_samples, PreferenceDataConfig().temperature
+    (16, 0.8)
+    >>> SelfEvalTrainingConfig(lora_r=8).lora_alpha
+    32
+    >>> PreferenceDataConfig(families=("add1", "nope"))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    pydantic_core._pydantic_core.ValidationError: 1 validation error for PreferenceDataConfig
+    families
+      Value error, unknown task family 'nope'; valid families: ...
+
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from langchain_capeval.tasks.synthetic import FAMILIES
+
+HELDOUT_FAMILY = "colors"
+"""The synthetic family left out of training entirely, to measure generalisation."""
+
+TRAIN_FAMILIES: tuple[str, ...] = tuple(f for f in FAMILIES if f != HELDOUT_FAMILY)
+"""The synthetic families the shipped adapter is trained on."""
+
+LLAMA_LORA_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""Attention and MLP projections of a Llama-style model: the LoRA targets vLLM accepts."""
+
+Split = Literal["train", "dev", "test"]
+
+
+def _known_families(families: tuple[str, ...]) -> tuple[str, ...]:
+    """Validate family names against the synthetic registry."""
+    from langchain_capeval.errors import UnknownTaskFamilyError
+
+    for name in families:
+        if name not in FAMILIES:
+            raise UnknownTaskFamilyError(name, list(FAMILIES))
+    if len(set(families)) != len(families):
+        raise ValueError(f"families must be distinct, got {families}")
+    return families
+
+
+def _lengths(values: tuple[int, ...]) -> tuple[int, ...]:
+    """Validate a tuple of token counts: positive, strictly increasing."""
+    if any(v < 1 for v in values) or list(values) != sorted(set(values)):
+        raise ValueError(f"token lengths must be positive and strictly increasing, got {values}")
+    return values
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+
+class PreferenceDataConfig(_Config):
+    """How on-policy preference data is built: which prompts, how they are sampled and labelled."""
+
+    output_dir: str = "results/training/data"
+    """Folder of ``preferences.jsonl`` (one line per prompt; an existing file is resumed) and the data card."""
+
+    model: str | None = None
+    """Local model folder or ``.gguf`` file; ``None`` is the embedded default, SmolLM2-135M-Instruct."""
+
+    families: tuple[str, ...] = TRAIN_FAMILIES
+    """Synthetic task families to draw prompts from (the held-out family is left out by default)."""
+
+    split: Split = "train"
+    """Split of the synthetic suite to draw prompts from."""
+
+    n_per_family: int = Field(default=60, ge=6)
+    """Tasks per family in the suite draw (fixes the train/dev/test split; see ``build_suite``)."""
+
+    max_prompts_per_family: int | None = Field(default=None, ge=1)
+    """Most prompts taken per family from the split; ``None`` takes all."""
+
+    seed: int = Field(default=0, ge=0)
+    """Seed of the suite draw and of every sample's random stream."""
+
+    num_samples: int = Field(default=16, ge=2)
+    """On-policy samples per prompt (the paper uses 16)."""
+
+    temperature: float = Field(default=0.8, ge=0.0, le=2.0)
+    """Sampling temperature: the one used at inference (``CapEvalConfig.temperature``)."""
+
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    """Nucleus sampling mass, as at inference."""
+
+    max_new_tokens: int = Field(default=48, ge=1)
+    """Most tokens per sample."""
+
+    epsilon: float = Field(default=0.0, ge=0.0)
+    """Largest reward gap that counts as a tie."""
+
+    prefix_lengths: tuple[int, ...] = (8, 16, 32, 64)
+    """Truncation lengths (tokens) for mid-generation examples; a length is used only if the response is longer."""
+
+    prefixes_per_sample: int = Field(default=2, ge=0)
+    """Truncated prefixes kept per sample, drawn (seeded) from the eligible ``prefix_lengths``."""
+
+    prompts_per_batch: int = Field(default=4, ge=1)
+    """Prompts decoded together (``num_samples`` rows each) for throughput."""
+
+    num_threads: int | None = Field(default=None, ge=1)
+    """Torch CPU threads; ``None`` leaves torch's default."""
+
+    _check_families = field_validator("families")(classmethod(lambda cls, v: _known_families(v)))
+    _check_prefixes = field_validator("prefix_lengths")(classmethod(lambda cls, v: _lengths(v)))
+
+
+class SelfEvalTrainingConfig(_Config):
+    """How the self-evaluation LoRA is trained: the adapter, the loss, the optimiser."""
+
+    data: str = "results/training/data/preferences.jsonl"
+    """The ``preferences.jsonl`` written by ``capeval build-data``."""
+
+    output_dir: str = "results/training/adapter"
+    """Folder to save the PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) and its log."""
+
+    model: str | None = None
+    """Local model folder or ``.gguf`` file; ``None`` is the embedded default (must be the model that sampled the
+    data)."""
+
+    exclude_families: tuple[str, ...] = ()
+    """Task families to drop from the data before training (to hold one out)."""
+
+    seed: int = Field(default=0, ge=0)
+    """Seed of the LoRA initialisation and the batch order."""
+
+    lora_r: int = Field(default=16, ge=1)
+    """LoRA rank."""
+
+    lora_alpha: int = Field(default=32, ge=1)
+    """LoRA scaling numerator (the update is scaled by ``lora_alpha / lora_r``)."""
+
+    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input."""
+
+    target_modules: tuple[str, ...] = LLAMA_LORA_MODULES
+    """Module names the LoRA wraps; the default is every attention and MLP projection (valid for vLLM)."""
+
+    layers_to_transform: tuple[int, ...] | None = None
+    """Decoder layers that get a LoRA; ``None`` is every layer. Fewer, top layers train faster (backward stops
+    at the lowest adapted layer), at some cost in quality."""
+
+    answer_loss: Literal["full_vocab", "two_way"] = "full_vocab"
+    """Soft cross-entropy on the answer token: ``full_vocab`` is -(p log P(No) + (1-p) log P(Yes)) under the
+    full softmax (it also moves mass onto the two answers); ``two_way`` renormalises over "No" and "Yes" first."""
+
+    regularizer: Literal["sft", "kl", "none"] = "sft"
+    """What keeps generation as good as the base model's: ``sft`` adds the NLL of the on-policy response tokens
+    (same forward pass, no extra cost); ``kl`` adds KL(base || adapted) on them (one extra no-grad forward)."""
+
+    regularizer_weight: float = Field(default=0.5, ge=0.0)
+    """Weight of the regularizer relative to the answer loss."""
+
+    learning_rate: float = Field(default=3e-4, gt=0.0)
+    """Peak AdamW learning rate (linear warm-up, then cosine decay to 10%)."""
+
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    """AdamW weight decay on the LoRA weights."""
+
+    warmup_steps: int = Field(default=10, ge=0)
+    """Linear warm-up steps."""
+
+    epochs: float = Field(default=1.0, gt=0.0)
+    """Passes over the data (fractions allowed)."""
+
+    max_steps: int | None = Field(default=None, ge=1)
+    """Stop after this many optimiser steps, whatever ``epochs`` says."""
+
+    batch_tokens: int = Field(default=2048, ge=64)
+    """Most tokens (padded) per optimiser step; sequences of similar length are batched together."""
+
+    max_grad_norm: float = Field(default=1.0, gt=0.0)
+    """Gradient clipping norm."""
+
+    pack_prefixes: bool = True
+    """Pack the full response and its truncated prefixes into one sequence with a tree attention mask: the shared
+    prompt and response are computed once, each (prefix, self-evaluation turn) branch sees only its prefix."""
+
+    log_every: int = Field(default=10, ge=1)
+    """Log the running losses every this many steps."""
+
+    num_threads: int | None = Field(default=None, ge=1)
+    """Torch CPU threads; ``None`` leaves torch's default."""
+
+    @model_validator(mode="after")
+    def _modules(self) -> SelfEvalTrainingConfig:
+        if not self.target_modules:
+            raise ValueError("target_modules: give at least one module name")
+        return self
+
+
+class SelfEvalEvalConfig(_Config):
+    """How a self-evaluation adapter is evaluated against the zero-shot base model, on held-out prompts."""
+
+    adapter: str | None = "default"
+    """Adapter folder to evaluate; ``"default"`` is the shipped one; ``None`` evaluates the base model alone."""
+
+    model: str | None = None
+    """Local model folder or ``.gguf`` file; ``None`` is the embedded default."""
+
+    output_dir: str = "results/training"
+    """Folder for ``selfeval_eval.json`` and ``reliability.png``."""
+
+    families: tuple[str, ...] = TRAIN_FAMILIES
+    """Trained task families, evaluated on ``split``."""
+
+    heldout_family: str | None = HELDOUT_FAMILY
+    """A family left out of training, evaluated on ``heldout_splits`` and reported apart; ``None`` skips it."""
+
+    heldout_splits: tuple[Split, ...] = ("dev", "test")
+    """Splits of the held-out family to evaluate (none of it was trained on, so more splits mean less noise)."""
+
+    split: Split = "test"
+    """Split of the trained families to evaluate."""
+
+    n_per_family: int = Field(default=60, ge=6)
+    """Tasks per family in the suite draw (must match the data's, so the splits match)."""
+
+    suite_seed: int = Field(default=0, ge=0)
+    """Seed of the suite draw (must match the data's)."""
+
+    max_prompts_per_family: int | None = Field(default=None, ge=1)
+    """Most prompts per family; ``None`` takes the whole split."""
+
+    num_samples: int = Field(default=8, ge=1)
+    """Samples per prompt (the N of best-of-N)."""
+
+    temperature: float = Field(default=0.8, ge=0.0, le=2.0)
+    """Sampling temperature, as at inference."""
+
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    """Nucleus sampling mass, as at inference."""
+
+    max_new_tokens: int = Field(default=48, ge=1)
+    """Most tokens per sample."""
+
+    checkpoints: tuple[int, ...] = (8, 16, 32, 64)
+    """Prefix lengths (tokens) at which samples are self-evaluated mid-generation."""
+
+    epsilon: float = Field(default=0.0, ge=0.0)
+    """Tie threshold of the win-or-tie targets that calibration is measured against."""
+
+    seed: int = Field(default=1234, ge=0)
+    """Seed of the samples' random streams (different from the data's)."""
+
+    bins: int = Field(default=10, ge=2)
+    """Bins of the calibration error and the reliability diagram."""
+
+    prompts_per_batch: int = Field(default=4, ge=1)
+    """Prompts decoded together (``num_samples`` rows each)."""
+
+    num_threads: int | None = Field(default=None, ge=1)
+    """Torch CPU threads; ``None`` leaves torch's default."""
+
+    _check_families = field_validator("families")(classmethod(lambda cls, v: _known_families(v)))
+    _check_checkpoints = field_validator("checkpoints")(classmethod(lambda cls, v: _lengths(v)))
+
+    @model_validator(mode="after")
+    def _heldout(self) -> SelfEvalEvalConfig:
+        if self.heldout_family is not None:
+            _known_families((self.heldout_family,))
+            if self.heldout_family in self.families:
+                raise ValueError(f"heldout_family {self.heldout_family!r} is also in families; drop it from one")
+        return self

@@ -1,0 +1,421 @@
+"""On-policy preference data: samples of the model, rewards, win-or-tie targets and truncated prefixes.
+
+For each prompt, :class:`PreferenceDataBuilder` draws ``num_samples`` responses from the
+*same* engine and decoding used at inference, scores them with a
+:class:`~langchain_capeval.rewards.RewardSource` (by default the task's answer checker),
+and gives each the win-or-tie target of the paper: the fraction of the other samples
+it beats or ties (:func:`~langchain_capeval.preferences.win_or_tie_targets`). Each
+sample also gets a few truncation lengths, drawn from ``prefix_lengths``; a prefix
+inherits its completion's target.
+
+The output is ``preferences.jsonl``, one JSON object per prompt (a :class:`PromptRecord`),
+appended as each prompt is done: rerunning the command skips prompts already in the
+file, so an interrupted build resumes. ``data_card.json`` and ``DATA_CARD.md`` beside it
+describe the data (model, seed, decoding, counts, tie rate, label balance).
+
+Example:
+    >>> from langchain_capeval.engines.transformers import TransformersEngine, TransformersEngineConfig
+    >>> from langchain_capeval.training import PreferenceDataBuilder, PreferenceDataConfig
+    >>> engine = TransformersEngine.from_config(TransformersEngineConfig(adapter=None))  # doctest: +SKIP
+    >>> config = PreferenceDataConfig(output_dir="/tmp/prefs", max_prompts_per_family=2)  # doctest: +SKIP
+    >>> card = PreferenceDataBuilder(engine, config).build()  # doctest: +SKIP
+    >>> card["counts"]["prompts"]  # doctest: +SKIP
+    16
+
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from langchain_capeval.preferences import tie_rate, win_or_tie_targets
+from langchain_capeval.rewards import RewardSource, VerifiableReward
+from langchain_capeval.sampling import SamplingParams
+from langchain_capeval.tasks.base import Task
+from langchain_capeval.tasks.synthetic import build_suite
+from langchain_capeval.training.config import PreferenceDataConfig
+
+if TYPE_CHECKING:
+    from langchain_capeval.engines.base import Engine
+
+logger = logging.getLogger(__name__)
+
+DATA_FILE = "preferences.jsonl"
+"""Name of the data file inside ``output_dir``."""
+
+_SAMPLE_FIELDS = ("model", "seed", "num_samples", "temperature", "top_p", "max_new_tokens", "n_per_family", "split")
+"""Config fields that change the samples: a resumed build must keep them."""
+
+
+@dataclass
+class SampleRecord:
+    """One on-policy sample and its labels.
+
+    Attributes:
+        index: Sample number within its prompt.
+        seed: Seed of the sample's random stream.
+        token_ids: Sampled tokens (with the final EOS when it ended so), as the engine returned them.
+        text: Decoded response text.
+        finish_reason: ``"eos"``, ``"stop"`` or ``"length"``.
+        reward: Its reward.
+        target: Win-or-tie target: fraction of the other samples it beats or ties.
+        prefix_lengths: Truncation lengths (each shorter than the response) that inherit ``target``.
+
+    """
+
+    index: int
+    seed: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    reward: float
+    target: float
+    prefix_lengths: list[int] = field(default_factory=list)
+
+
+@dataclass
+class PromptRecord:
+    """One prompt with its samples: one line of ``preferences.jsonl``.
+
+    Attributes:
+        task: The task, as a dict of :class:`~langchain_capeval.tasks.Task` fields.
+        prompt_ids: The rendered prompt tokens (``ChatFormat.encode(task.messages())``).
+        samples: The on-policy samples.
+        tie_rate: Fraction of sample pairs that tie.
+
+    """
+
+    task: dict[str, Any]
+    prompt_ids: list[int]
+    samples: list[SampleRecord]
+    tie_rate: float
+
+    @property
+    def task_id(self) -> str:
+        """The task's stable id."""
+        return str(self.task["id"])
+
+    @property
+    def family(self) -> str:
+        """The task's family."""
+        return str(self.task["family"])
+
+    def to_json(self) -> str:
+        """One JSONL line."""
+        return json.dumps(asdict(self), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, line: str) -> PromptRecord:
+        """Parse one JSONL line."""
+        raw = json.loads(line)
+        return cls(raw["task"], raw["prompt_ids"], [SampleRecord(**s) for s in raw["samples"]], raw["tie_rate"])
+
+
+def sample_seed(seed: int, task_id: str, index: int) -> int:
+    """Return a sample's seed from the build seed, its task and its number: stable whatever the batching.
+
+    Example:
+        >>> sample_seed(0, "add1/3+4", 0) == sample_seed(0, "add1/3+4", 0) != sample_seed(0, "add1/3+4", 1)
+        True
+
+    """
+    digest = hashlib.sha256(f"{seed}:{task_id}:{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def choose_prefix_lengths(num_tokens: int, lengths: Sequence[int], k: int, rng: random.Random) -> list[int]:
+    """Draw up to ``k`` distinct truncation lengths shorter than the response, in increasing order.
+
+    Example:
+        >>> choose_prefix_lengths(20, (8, 16, 32, 64), 2, random.Random(0))
+        [8, 16]
+        >>> choose_prefix_lengths(5, (8, 16), 2, random.Random(0))
+        []
+
+    """
+    eligible = [n for n in lengths if n < num_tokens]
+    return sorted(rng.sample(eligible, min(k, len(eligible))))
+
+
+def label_samples(
+    rewards: Sequence[float], num_tokens: Sequence[int], config: PreferenceDataConfig, rng: random.Random
+) -> tuple[list[float], list[list[int]]]:
+    """Win-or-tie targets of a prompt's samples and the prefix lengths each one inherits its target to.
+
+    Example:
+        >>> cfg = PreferenceDataConfig(prefix_lengths=(4, 8), prefixes_per_sample=1)
+        >>> label_samples([1.0, 0.0, 0.0], [10, 6, 3], cfg, random.Random(0))
+        ([1.0, 0.5, 0.5], [[8], [4], []])
+
+    """
+    targets = win_or_tie_targets(rewards, config.epsilon)
+    prefixes = [choose_prefix_lengths(n, config.prefix_lengths, config.prefixes_per_sample, rng) for n in num_tokens]
+    return targets, prefixes
+
+
+def read_records(path: str | os.PathLike[str]) -> list[PromptRecord]:
+    """Read ``preferences.jsonl``; a torn last line (an interrupted write) is ignored."""
+    records: list[PromptRecord] = []
+    p = Path(path)
+    if not p.is_file():
+        return records
+    lines = p.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(PromptRecord.from_json(line))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if i == len(lines) - 1:
+                logger.warning("%s: ignoring a torn last line (an interrupted write)", p)
+                break
+            raise
+    return records
+
+
+def _repair(path: Path) -> None:
+    """Cut a torn last line off the file, so appends start on a fresh line."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+class PreferenceDataBuilder:
+    """Builds on-policy preference data with one engine: the model and decoding used at inference.
+
+    Args:
+        engine: The engine to sample from (its model must be the one to train, without a self-evaluation adapter).
+        config: What to build.
+        reward: Scores the samples; the default :class:`~langchain_capeval.rewards.VerifiableReward` checks answers.
+
+    """
+
+    def __init__(self, engine: Engine, config: PreferenceDataConfig, reward: RewardSource | None = None) -> None:
+        self.engine = engine
+        self.config = config
+        self.reward: RewardSource = reward or VerifiableReward()
+        self.output_dir = Path(config.output_dir)
+        self.path = self.output_dir / DATA_FILE
+
+    def tasks(self) -> list[Task]:
+        """Return the prompts of the config: the split of the suite, capped per family, families interleaved."""
+        cfg = self.config
+        suite = build_suite(cfg.families, n_per_family=cfg.n_per_family, seed=cfg.seed)
+        tasks: list[Task] = getattr(suite, cfg.split)
+        if cfg.max_prompts_per_family is None:
+            return list(tasks)
+        taken: Counter[str] = Counter()
+        out = []
+        for t in tasks:
+            if taken[t.family] < cfg.max_prompts_per_family:
+                taken[t.family] += 1
+                out.append(t)
+        return out
+
+    def build(self, tasks: Sequence[Task] | None = None, *, progress: bool = True) -> dict[str, Any]:
+        """Sample, label and append every prompt not yet in the file; then write the data card.
+
+        Args:
+            tasks: Prompts to build; ``None`` uses :meth:`tasks`.
+            progress: Show a tqdm progress bar.
+
+        Returns:
+            The data card, as written to ``data_card.json``.
+
+        Raises:
+            ValueError: The folder holds data built with different sampling settings.
+
+        """
+        from tqdm.auto import tqdm
+
+        todo_all = list(tasks) if tasks is not None else self.tasks()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._check_settings()
+        _repair(self.path)
+        done = {r.task_id for r in read_records(self.path)}
+        todo = [t for t in todo_all if t.id not in done]
+        start = time.perf_counter()
+        bar = tqdm(total=len(todo_all), initial=len(todo_all) - len(todo), desc="build-data", disable=not progress)
+        step = self.config.prompts_per_batch
+        with self.path.open("a", encoding="utf-8") as out:
+            for i in range(0, len(todo), step):
+                for record in self.sample_prompts(todo[i : i + step]):
+                    out.write(record.to_json() + "\n")
+                    out.flush()
+                    bar.update(1)
+        bar.close()
+        card = self.data_card(seconds=time.perf_counter() - start)
+        return card
+
+    def sample_prompts(self, tasks: Sequence[Task]) -> Iterator[PromptRecord]:
+        """Draw ``num_samples`` responses for each task, decoded together; score and label them."""
+        cfg = self.config
+        fmt = self.engine.chat_format
+        requests: list[tuple[Task, list[int], str, list[int]]] = []
+        try:
+            for task in tasks:
+                prompt_ids = fmt.encode(task.messages())
+                seeds = [sample_seed(cfg.seed, task.id, j) for j in range(cfg.num_samples)]
+                params = [
+                    SamplingParams(
+                        temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=s
+                    )
+                    for s in seeds
+                ]
+                request_id = f"build-data:{task.id}"
+                rows = self.engine.submit(prompt_ids, params, request_id=request_id)
+                requests.append((task, prompt_ids, request_id, rows))
+            all_rows = [r for *_, rows in requests for r in rows]
+            samples = self.engine.generate(all_rows)
+            by_row = {s.row: s for s in samples}
+            for task, prompt_ids, _, rows in requests:
+                got = [by_row[r] for r in rows]
+                texts = [s.text for s in got]
+                rewards = self.reward.score([task.prompt] * len(got), texts, [task] * len(got))
+                rng = random.Random(f"{cfg.seed}:{task.id}:prefixes")
+                targets, prefixes = label_samples(rewards, [s.num_tokens for s in got], cfg, rng)
+                yield PromptRecord(
+                    task=asdict(task),
+                    prompt_ids=list(prompt_ids),
+                    samples=[
+                        SampleRecord(
+                            index=j,
+                            seed=sample_seed(cfg.seed, task.id, j),
+                            token_ids=list(s.token_ids),
+                            text=s.text,
+                            finish_reason=s.finish_reason,
+                            reward=rewards[j],
+                            target=targets[j],
+                            prefix_lengths=prefixes[j],
+                        )
+                        for j, s in enumerate(got)
+                    ],
+                    tie_rate=tie_rate(rewards, cfg.epsilon),
+                )
+        finally:
+            for *_, request_id, _ in requests:
+                self.engine.close_request(request_id)
+
+    def _check_settings(self) -> None:
+        """Record the sampling settings on the first run; refuse to resume with different ones."""
+        settings_path = self.output_dir / "build_config.json"
+        mine = {k: v for k, v in self.config.model_dump(mode="json").items() if k in _SAMPLE_FIELDS}
+        mine["engine_model"] = self.engine.model_name
+        if settings_path.is_file():
+            theirs = json.loads(settings_path.read_text())
+            diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+            if diff:
+                raise ValueError(
+                    f"{self.output_dir} holds data sampled with other settings {diff} (stored, given); "
+                    "use another output_dir or the same settings"
+                )
+        else:
+            settings_path.write_text(json.dumps(mine, indent=2) + "\n")
+
+    def data_card(self, seconds: float | None = None) -> dict[str, Any]:
+        """Describe the data in the file; write ``data_card.json`` and ``DATA_CARD.md``."""
+        records = read_records(self.path)
+        card = describe(records, self.config, self.engine.model_name)
+        if seconds is not None:
+            card["build_seconds_last_run"] = round(seconds, 1)
+        (self.output_dir / "data_card.json").write_text(json.dumps(card, indent=2) + "\n")
+        (self.output_dir / "DATA_CARD.md").write_text(render_data_card(card))
+        return card
+
+
+def describe(records: Sequence[PromptRecord], config: PreferenceDataConfig, model_name: str) -> dict[str, Any]:
+    """Describe a set of records: what was sampled, how, and how the labels are spread."""
+    samples = [s for r in records for s in r.samples]
+    targets = [s.target for s in samples]
+    prefix_counts: Counter[int] = Counter(k for s in samples for k in s.prefix_lengths)
+    per_family: dict[str, dict[str, float]] = {}
+    for fam in sorted({r.family for r in records}):
+        recs = [r for r in records if r.family == fam]
+        fs = [s for r in recs for s in r.samples]
+        per_family[fam] = {
+            "prompts": len(recs),
+            "samples": len(fs),
+            "accuracy": _mean([s.reward for s in fs]),
+            "mean_target": _mean([s.target for s in fs]),
+        }
+    solved = [sum(s.reward > 0 for s in r.samples) / max(len(r.samples), 1) for r in records]
+    histogram = Counter(min(int(t * 10), 9) for t in targets)
+    return {
+        "model": model_name,
+        "seed": config.seed,
+        "reward": "verifiable (task answer checker, 1.0 or 0.0)",
+        "epsilon": config.epsilon,
+        "decoding": {
+            "temperature": config.temperature,
+            "top_p": config.top_p,
+            "max_new_tokens": config.max_new_tokens,
+            "samples_per_prompt": config.num_samples,
+        },
+        "suite": {"families": sorted(per_family), "split": config.split, "n_per_family": config.n_per_family},
+        "counts": {
+            "prompts": len(records),
+            "samples": len(samples),
+            "prefix_examples": sum(prefix_counts.values()),
+            "prefix_examples_by_length": {str(k): prefix_counts[k] for k in sorted(prefix_counts)},
+            "examples": len(samples) + sum(prefix_counts.values()),
+        },
+        "tie_rate": _mean([r.tie_rate for r in records]),
+        "label_balance": {
+            "mean_target": _mean(targets),
+            "share_target_1": _mean([float(t == 1.0) for t in targets]),
+            "share_target_0": _mean([float(t == 0.0) for t in targets]),
+            "target_histogram_deciles": [histogram[i] for i in range(10)],
+            "accuracy": _mean([s.reward for s in samples]),
+            "prompts_all_correct": sum(x == 1.0 for x in solved),
+            "prompts_all_wrong": sum(x == 0.0 for x in solved),
+            "prompts_mixed": sum(0.0 < x < 1.0 for x in solved),
+        },
+        "finish_reasons": dict(Counter(str(s.finish_reason) for s in samples)),
+        "mean_response_tokens": _mean([float(len(s.token_ids)) for s in samples]),
+        "per_family": per_family,
+    }
+
+
+def _mean(values: Sequence[float]) -> float:
+    return round(sum(values) / len(values), 4) if values else 0.0
+
+
+def render_data_card(card: dict[str, Any]) -> str:
+    """Render the data card as Markdown."""
+    d, c, lb = card["decoding"], card["counts"], card["label_balance"]
+    lines = [
+        "# Data card: on-policy self-evaluation preferences",
+        "",
+        f"- Model: {card['model']} (samples drawn by the model itself: on-policy)",
+        f"- Seed: {card['seed']}; suite: {', '.join(card['suite']['families'])} "
+        f"({card['suite']['split']} split, n_per_family={card['suite']['n_per_family']})",
+        f"- Decoding: temperature {d['temperature']}, top_p {d['top_p']}, max_new_tokens {d['max_new_tokens']}, "
+        f"{d['samples_per_prompt']} samples per prompt",
+        f"- Reward: {card['reward']}; ties: reward gap <= {card['epsilon']}",
+        f"- Counts: {c['prompts']} prompts, {c['samples']} samples, {c['prefix_examples']} truncated prefixes "
+        f"{c['prefix_examples_by_length']}, {c['examples']} examples in all",
+        f"- Tie rate (mean over prompts of the share of sample pairs that tie): {card['tie_rate']}",
+        f"- Label balance: mean target {lb['mean_target']}, target = 1: {lb['share_target_1']}, "
+        f"target = 0: {lb['share_target_0']}, deciles {lb['target_histogram_deciles']}",
+        f"- Sample accuracy {lb['accuracy']}; prompts all correct {lb['prompts_all_correct']}, "
+        f"all wrong {lb['prompts_all_wrong']}, mixed {lb['prompts_mixed']}",
+        f"- Finish reasons: {card['finish_reasons']}; mean response tokens {card['mean_response_tokens']}",
+        "",
+        "| family | prompts | samples | accuracy | mean target |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for fam, row in card["per_family"].items():
+        lines.append(f"| {fam} | {row['prompts']} | {row['samples']} | {row['accuracy']} | {row['mean_target']} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,336 @@
+"""The self-evaluation training pipeline: metrics, targets and prefixes, packing, data builder, trainer.
+
+The end-to-end test runs the real embedded model: a few prompts, a few samples, a tiny LoRA
+trained for a few steps at a high learning rate, saved, loaded back through the engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from langchain_capeval.adapters import apply_adapter
+from langchain_capeval.engines.transformers import TransformersEngine
+from langchain_capeval.models import load_model
+from langchain_capeval.preferences import win_or_tie_targets
+from langchain_capeval.sampling import SamplingParams
+from langchain_capeval.tasks import build_suite
+from langchain_capeval.training.cli import add_training_commands, config_from_args
+from langchain_capeval.training.config import PreferenceDataConfig, SelfEvalEvalConfig, SelfEvalTrainingConfig
+from langchain_capeval.training.dataset import (
+    PreferenceDataBuilder,
+    choose_prefix_lengths,
+    label_samples,
+    read_records,
+)
+from langchain_capeval.training.evaluate import EvalSample, best_of_n, collect_self_evaluations, summarize
+from langchain_capeval.training.examples import collate, pack_sample, self_evaluation_sequence, tree_attention_mask
+from langchain_capeval.training.metrics import auroc, brier_score, expected_calibration_error, reliability_bins
+from langchain_capeval.training.trainer import SelfEvalTrainer, length_batches, soft_answer_loss
+
+# --- metrics -----------------------------------------------------------------------------
+
+
+def test_auroc_hand_computed() -> None:
+    # positives 0.9, 0.3; negatives 0.8, 0.1: (0.9 > 0.8, 0.9 > 0.1, 0.3 < 0.8, 0.3 > 0.1) = 3 / 4.
+    assert auroc([0.9, 0.8, 0.3, 0.1], [1, 0, 1, 0]) == 0.75
+    assert auroc([0.9, 0.1], [True, False]) == 1.0
+    assert auroc([0.1, 0.9], [1, 0]) == 0.0
+    # a tie between a positive and a negative counts half: (0.5 + 1) / 2.
+    assert auroc([0.2, 0.2, 0.7], [0, 1, 1]) == 0.75
+    assert auroc([0.5] * 4, [1, 0, 1, 0]) == 0.5
+    assert auroc([0.1, 0.2], [1, 1]) is None
+    with pytest.raises(ValueError, match="binary"):
+        auroc([0.1, 0.2], [0.5, 1])
+    with pytest.raises(ValueError, match="one target per score"):
+        auroc([0.1], [1, 0])
+
+
+def test_auroc_matches_pairwise_definition() -> None:
+    rng = random.Random(0)
+    scores = [round(rng.random(), 1) for _ in range(60)]  # many ties
+    labels = [rng.random() < 0.4 for _ in range(60)]
+    pos = [s for s, y in zip(scores, labels, strict=True) if y]
+    neg = [s for s, y in zip(scores, labels, strict=True) if not y]
+    brute = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+    assert auroc(scores, labels) == pytest.approx(brute)
+
+
+def test_brier_and_ece_hand_computed() -> None:
+    assert brier_score([1.0, 0.5], [1, 0]) == 0.125
+    assert brier_score([0.8, 0.2], [1.0, 0.5]) == pytest.approx((0.04 + 0.09) / 2)
+    # two bins: [0.25, 0.25] vs targets 0, 1 -> |0.25 - 0.5|; [0.75, 0.75] vs 1, 1 -> |0.75 - 1|.
+    assert expected_calibration_error([0.25, 0.25, 0.75, 0.75], [0, 1, 1, 1], bins=2) == 0.25
+    assert expected_calibration_error([0.9, 0.9], [1, 1], bins=10) == pytest.approx(0.1)
+    assert expected_calibration_error([0.0, 1.0], [0, 1], bins=10) == 0.0
+    bins = reliability_bins([0.1, 0.3, 0.9, 1.0], [0, 1, 1, 1], bins=2)
+    assert [(b.count, b.mean_score, b.mean_target) for b in bins] == [(2, 0.2, 0.5), (2, 0.95, 1.0)]
+
+
+def test_best_of_n_and_summary() -> None:
+    s = [
+        EvalSample("a", "f", False, 3, 0.2, 0.1, 0.4, {"8": 0.3}),
+        EvalSample("a", "f", True, 9, 0.9, 0.5, 0.05, {"8": 0.6}),
+        EvalSample("b", "f", False, 3, 0.7, 0.3, 0.1),
+        EvalSample("b", "f", False, 3, 0.4, 0.3, 0.4),
+    ]
+    assert best_of_n(s) == {"pass_at_1": 0.25, "best_of_n_selfeval": 0.5, "oracle": 0.5, "prompts": 2}
+    out = summarize(s, (8, 16))
+    assert out["auroc_full"] == 1.0
+    assert out["auroc_at"] == {"8": 1.0, "16": None}
+    assert out["samples_at"] == {"8": 2, "16": 0}
+
+
+# --- targets, prefixes, packing ----------------------------------------------------------------
+
+
+def test_targets_and_prefixes_hand_example() -> None:
+    cfg = PreferenceDataConfig(prefix_lengths=(4, 8, 16), prefixes_per_sample=2)
+    # rewards 1, 0, 0, 1: right answers beat or tie all 3 others; wrong ones tie 1 of 3 (the other wrong one).
+    targets, prefixes = label_samples([1.0, 0.0, 0.0, 1.0], [20, 9, 3, 5], cfg, random.Random(0))
+    assert targets == [1.0, 1 / 3, 1 / 3, 1.0]
+    assert prefixes[0] in ([4, 8], [4, 16], [8, 16])  # two of the three (all shorter than 20)
+    assert prefixes[1] == [4, 8]  # 16 is not shorter than 9
+    assert prefixes[2] == []  # 3 tokens: no prefix length fits
+    assert prefixes[3] == [4]
+    assert choose_prefix_lengths(8, (8,), 1, random.Random(0)) == []  # a prefix must be shorter than the response
+    # epsilon 0.5: 0.0 ties 0.5 but loses to 1.0; 0.5 ties both; 1.0 ties 0.5 and beats 0.0.
+    eps = PreferenceDataConfig(epsilon=0.5, prefixes_per_sample=0)
+    assert label_samples([0.0, 0.5, 1.0], [3, 3, 3], eps, random.Random(0))[0] == [0.5, 1.0, 1.0]
+
+
+def test_pack_sample_hand_example() -> None:
+    prompt, response, suffix, eos = [10, 11], [20, 21, 22, 2], [2, 30, 31], {2}
+    packed = pack_sample(prompt, response, suffix, lengths=[4, 2], targets=[0.25, 0.25], eos_ids=eos)
+    # trunk; the finished response skips the suffix's end-of-turn; the 2-token prefix keeps it.
+    assert packed.input_ids == [10, 11, 20, 21, 22, 2, 30, 31, 2, 30, 31]
+    assert packed.position_ids == [0, 1, 2, 3, 4, 5, 6, 7, 4, 5, 6]
+    assert packed.branch == [0] * 6 + [1, 1, 2, 2, 2]
+    assert packed.cut == [6, 4]
+    assert packed.answer_positions == [7, 10]
+    assert packed.response_span == (2, 6)
+    # each branch's answer row sees exactly the tokens of its own unpacked sequence, in order.
+    mask = tree_attention_mask(torch.tensor(packed.branch), torch.tensor([0, *packed.cut]))
+    for b, k in enumerate([4, 2]):
+        row = mask[packed.answer_positions[b]]
+        seen = [packed.input_ids[j] for j in range(len(packed)) if row[j]]
+        assert seen == self_evaluation_sequence(prompt, response, k, suffix, eos)
+    batch = collate([packed, pack_sample(prompt, response[:1], suffix, [1], [1.0], eos)])
+    assert batch.input_ids.shape == (2, 11)
+    assert batch.targets.tolist() == [0.25, 0.25, 1.0]
+    assert batch.answer_index.tolist() == [7, 10, 11 + 5]  # [10, 11, 20, 2, 30, 31]: the full suffix
+    assert batch.response_labels.tolist() == [20, 21, 22, 2, 20]
+    assert batch.response_index.tolist() == [1, 2, 3, 4, 11 + 1]
+    with pytest.raises(ValueError, match="out of range"):
+        pack_sample(prompt, response, suffix, [5], [1.0], eos)
+
+
+def test_soft_answer_loss_and_batches() -> None:
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    logp = torch.log_softmax(logits, -1)[0]
+    expected = -(0.75 * logp[0] + 0.25 * logp[1])
+    assert float(soft_answer_loss(logits, torch.tensor([0.75]), 0, 1)) == pytest.approx(float(expected))
+    two = torch.log_softmax(logits[:, :2], -1)[0]
+    got = float(soft_answer_loss(logits, torch.tensor([0.75]), 0, 1, two_way=True))
+    assert got == pytest.approx(float(-(0.75 * two[0] + 0.25 * two[1])))
+    batches = length_batches([5, 3, 9, 4, 3], batch_tokens=10, rng=random.Random(1))
+    assert sorted(i for b in batches for i in b) == [0, 1, 2, 3, 4]
+    lengths = [5, 3, 9, 4, 3]
+    assert all(max(lengths[i] for i in b) * len(b) <= 10 or len(b) == 1 for b in batches)
+
+
+# --- on the real model -------------------------------------------------------------------------
+
+
+def _p_win_or_tie(model: torch.nn.Module, sequences: list[list[int]], no_id: int, yes_id: int) -> list[float]:
+    out = []
+    with torch.inference_mode():
+        for seq in sequences:
+            logits = model(input_ids=torch.tensor([seq])).logits[0, -1].double()
+            p = torch.softmax(logits, -1)
+            out.append(float(p[no_id] / (p[no_id] + p[yes_id])))
+    return out
+
+
+def test_packed_sequence_matches_the_engine(engine: TransformersEngine) -> None:
+    """The tree-packed training sequence gives the engine's own P("No"), at a prefix and at the end."""
+    fmt = engine.chat_format
+    prompt = fmt.encode([{"role": "user", "content": "What is 3 + 5?"}])
+    rows = engine.submit(prompt, [SamplingParams(temperature=0.8, max_new_tokens=14, seed=s) for s in (1, 2)])
+    try:
+        engine.generate(rows, until=4)
+        mid = engine.self_evaluate(rows)
+        samples = engine.generate(rows)
+        end = engine.self_evaluate(rows)
+    finally:
+        engine.close_request(samples[0].request_id)
+    no_id, yes_id = fmt.answer_token_ids
+    packs = [
+        pack_sample(prompt, s.token_ids, fmt.self_evaluation_suffix, [s.num_tokens, 4], [1.0, 1.0], fmt.eos_token_ids)
+        for s in samples
+    ]
+    batch = collate(packs)
+    with torch.inference_mode():
+        model: torch.nn.Module = engine.model  # type: ignore[assignment]
+        hidden = model.model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        ).last_hidden_state
+        logits = model.lm_head(hidden.reshape(-1, hidden.shape[-1])[batch.answer_index]).double()
+    p = torch.softmax(logits, -1)
+    packed = (p[:, no_id] / (p[:, no_id] + p[:, yes_id])).tolist()
+    expected = [x for pair in zip(end, mid, strict=True) for x in (pair[0].p_win_or_tie, pair[1].p_win_or_tie)]
+    assert packed == pytest.approx(expected, abs=2e-4)
+
+
+def _build(engine: TransformersEngine, out: Path, prompts: int) -> PreferenceDataBuilder:
+    cfg = PreferenceDataConfig(
+        output_dir=str(out),
+        families=("add1", "capitals"),
+        max_prompts_per_family=prompts,
+        num_samples=4,
+        max_new_tokens=12,
+        prefix_lengths=(4, 8),
+        prefixes_per_sample=2,
+        prompts_per_batch=2,
+    )
+    return PreferenceDataBuilder(engine, cfg)
+
+
+def test_data_builder_resumes_without_duplicates(engine: TransformersEngine, tmp_path: Path) -> None:
+    first = _build(engine, tmp_path, prompts=1)
+    card = first.build(progress=False)
+    assert card["counts"]["prompts"] == 2 and card["counts"]["samples"] == 8
+    before = read_records(first.path)
+    # an interrupted write leaves a torn last line: the next run drops it and goes on.
+    with first.path.open("a") as f:
+        f.write('{"task": {"id": "torn')
+    second = _build(engine, tmp_path, prompts=2)
+    card = second.build(progress=False)
+    records = read_records(second.path)
+    ids = [r.task_id for r in records]
+    assert len(ids) == len(set(ids)) == 4
+    assert [r.to_json() for r in records[:2]] == [r.to_json() for r in before]  # done prompts kept as they were
+    again = _build(engine, tmp_path, prompts=2).build(progress=False)
+    assert again["counts"] == card["counts"]
+    assert len(read_records(second.path)) == 4
+    for r in records:
+        assert all(0.0 <= s.target <= 1.0 and all(k < len(s.token_ids) for k in s.prefix_lengths) for s in r.samples)
+        rewards = [s.reward for s in r.samples]
+        assert [s.target for s in r.samples] == win_or_tie_targets(rewards, 0.0)
+    assert engine.live_rows == 0
+    written = json.loads((tmp_path / "data_card.json").read_text())
+    assert {"model", "seed", "counts", "tie_rate", "label_balance", "decoding"} <= set(written)
+    assert (tmp_path / "DATA_CARD.md").read_text().startswith("# Data card")
+    other = PreferenceDataConfig(output_dir=str(tmp_path), temperature=0.3)
+    with pytest.raises(ValueError, match="other settings"):
+        PreferenceDataBuilder(engine, other).build(tasks=[], progress=False)
+
+
+def test_end_to_end_tiny_pipeline(engine: TransformersEngine, tmp_path: Path) -> None:
+    """Build data, train a tiny LoRA to say "No" (p = 1), save, load it in the engine: P(win or tie) rises."""
+    builder = _build(engine, tmp_path / "data", prompts=1)
+    builder.build(progress=False)
+    records = read_records(builder.path)
+    for r in records:
+        for s in r.samples:
+            s.target = 1.0
+    config = SelfEvalTrainingConfig(
+        data=str(builder.path),
+        output_dir=str(tmp_path / "adapter"),
+        lora_r=4,
+        lora_alpha=8,
+        target_modules=("q_proj", "v_proj", "down_proj"),
+        layers_to_transform=(27, 28, 29),  # backward stops at layer 27: fast
+        learning_rate=2e-2,
+        warmup_steps=0,
+        max_steps=5,
+        batch_tokens=100_000,
+        regularizer="sft",
+        regularizer_weight=0.1,
+        log_every=1,
+    )
+    loaded = load_model(None)
+    layer = loaded.model.model.layers[29].self_attn.q_proj
+    base_weight = layer.weight.detach().clone()
+    trainer = SelfEvalTrainer(loaded.model, loaded.tokenizer, config, records=records)
+    assert len(trainer.examples) == 8  # one packed sequence per sample
+    result = trainer.train(progress=False)
+    losses = [row["answer_loss"] for row in result.history]
+    assert result.steps == 5 and losses[-1] < losses[0] * 0.5, losses
+    # the KL regularizer's base logits come from the trunks only, with the adapter off: same as a full pass
+    batch = collate(trainer.examples[:3])
+    with torch.no_grad(), trainer.model.disable_adapter():
+        full = trainer._lm_head(trainer._hidden(batch)[batch.response_index])
+    assert torch.allclose(trainer._base_response_logits(batch), full, atol=1e-4)
+    trainer.config = config.model_copy(update={"regularizer": "kl"})
+    _, parts = trainer.compute_loss(batch)
+    assert parts["regularizer"] > 0  # the trained LoRA moved the response-token distribution
+    saved = trainer.save()
+    assert (saved / "adapter_model.safetensors").is_file()
+    adapter_config = json.loads((saved / "adapter_config.json").read_text())
+    assert set(adapter_config["target_modules"]) == {"q_proj", "v_proj", "down_proj"}
+    assert not adapter_config.get("modules_to_save")
+    peft_layer = trainer.model.get_base_model().model.layers[29].self_attn.q_proj
+    assert torch.equal(peft_layer.base_layer.weight, base_weight)  # base weights untouched
+    assert peft_layer.lora_B["default"].weight.abs().sum() > 0  # LoRA weights moved (B starts at zero)
+
+    # the saved adapter merges into a fresh copy of the model and runs in the engine
+    fresh = load_model(None)
+    adapted = TransformersEngine(apply_adapter(fresh.model, saved), fresh.tokenizer, name="adapted")
+    fmt = engine.chat_format
+    no_id, yes_id = fmt.answer_token_ids
+    seqs = [
+        self_evaluation_sequence(r.prompt_ids, s.token_ids, n, fmt.self_evaluation_suffix, fmt.eos_token_ids)
+        for r in records
+        for s in r.samples[:2]
+        for n in (len(s.token_ids), 4)
+    ]
+    before = _p_win_or_tie(engine.model, seqs, no_id, yes_id)
+    after = _p_win_or_tie(adapted.model, seqs, no_id, yes_id)
+    assert sum(after) / len(after) > sum(before) / len(before) + 0.1
+    assert all(a > b for a, b in zip(after, before, strict=True))
+    # through the inference path (engine.self_evaluate), on fresh held-out prompts
+    cfg = SelfEvalEvalConfig(adapter=None, num_samples=2, max_new_tokens=8, checkpoints=(4,), prompts_per_batch=2)
+    tasks = list(build_suite(["add1"], n_per_family=12, seed=0).test[:2])
+    base_scores = collect_self_evaluations(engine, tasks, cfg, progress=False)
+    adapted_scores = collect_self_evaluations(adapted, tasks, cfg, progress=False)
+    mean = lambda xs: sum(x.p_full for x in xs) / len(xs)  # noqa: E731
+    assert mean(adapted_scores) > mean(base_scores)
+    assert all("4" in x.p_at for x in adapted_scores if x.num_tokens > 4)
+
+
+# --- configs and CLI ---------------------------------------------------------------------------
+
+
+def test_cli_flags_come_from_the_configs() -> None:
+    parser = argparse.ArgumentParser(prog="capeval")
+    add_training_commands(parser.add_subparsers(dest="command"))
+    ns = parser.parse_args(
+        ["build-data", "--families", "add1,sub1", "--max-prompts-per-family", "3", "--epsilon", "0.1"]
+    )
+    cfg = config_from_args(PreferenceDataConfig, ns)
+    assert (cfg.families, cfg.max_prompts_per_family, cfg.epsilon) == (("add1", "sub1"), 3, 0.1)
+    ns = parser.parse_args(["train", "--no-pack-prefixes", "--regularizer", "kl", "--target-modules", "q_proj,v_proj"])
+    train = config_from_args(SelfEvalTrainingConfig, ns)
+    assert (train.pack_prefixes, train.regularizer, train.target_modules) == (False, "kl", ("q_proj", "v_proj"))
+    ns = parser.parse_args(["eval-selfeval", "--adapter", "none", "--checkpoints", "8,16"])
+    ev = config_from_args(SelfEvalEvalConfig, ns)
+    assert (ev.adapter, ev.checkpoints) == (None, (8, 16))
+    help_text = parser._subparsers._group_actions[0].choices["train"].format_help()  # type: ignore[union-attr]
+    assert "Soft cross-entropy on the answer token" in help_text
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--answer-loss", "mse"])
+
+
+def test_configs_validate() -> None:
+    with pytest.raises(ValueError, match="strictly increasing"):
+        PreferenceDataConfig(prefix_lengths=(16, 8))
+    with pytest.raises(ValueError, match="also in families"):
+        SelfEvalEvalConfig(heldout_family="add1")
+    with pytest.raises(ValueError, match="extra"):
+        SelfEvalTrainingConfig(lr=1.0)  # type: ignore[call-arg]
