@@ -18,25 +18,9 @@ from langchain_capeval.chat_models import ChatCapEval
 PARAMS: dict[str, Any] = {"adapter": None, "max_new_tokens": 24, "max_samples": 2, "seed": 0}
 
 
-class TestChatCapEvalUnit(ChatModelUnitTests):
-    @property
-    def chat_model_class(self) -> type[ChatCapEval]:
-        return ChatCapEval
+class CapEvalSuiteParams:
+    """What both standard suites need to know about ChatCapEval."""
 
-    @property
-    def chat_model_params(self) -> dict[str, Any]:
-        return PARAMS
-
-    @property
-    def has_tool_calling(self) -> bool:
-        return False
-
-    @property
-    def has_structured_output(self) -> bool:
-        return False
-
-
-class TestChatCapEvalIntegration(ChatModelIntegrationTests):
     @property
     def chat_model_class(self) -> type[ChatCapEval]:
         return ChatCapEval
@@ -56,3 +40,11 @@ class TestChatCapEvalIntegration(ChatModelIntegrationTests):
     @property
     def returns_usage_metadata(self) -> bool:
         return True
+
+
+class TestChatCapEvalUnit(CapEvalSuiteParams, ChatModelUnitTests):
+    pass
+
+
+class TestChatCapEvalIntegration(CapEvalSuiteParams, ChatModelIntegrationTests):
+    pass
