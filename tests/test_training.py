@@ -253,6 +253,7 @@ def test_end_to_end_tiny_pipeline(engine: TransformersEngine, tmp_path: Path) ->
         regularizer="sft",
         regularizer_weight=0.1,
         log_every=1,
+        save_every=2,
     )
     loaded = load_model(None)
     layer = loaded.model.model.layers[29].self_attn.q_proj

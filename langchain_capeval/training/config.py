@@ -194,6 +194,9 @@ class SelfEvalTrainingConfig(_Config):
     """Pack the full response and its truncated prefixes into one sequence with a tree attention mask: the shared
     prompt and response are computed once, each (prefix, self-evaluation turn) branch sees only its prefix."""
 
+    save_every: int | None = Field(default=None, ge=1)
+    """Also save the adapter to ``output_dir`` every this many steps (a run cut short keeps its last save)."""
+
     log_every: int = Field(default=10, ge=1)
     """Log the running losses every this many steps."""
 

@@ -189,6 +189,27 @@ def best_of_n(samples: Sequence[EvalSample]) -> dict[str, float]:
     }
 
 
+def within_prompt_auroc(samples: Sequence[EvalSample]) -> float | None:
+    """Mean over prompts (with right and wrong samples) of the AUROC among that prompt's samples.
+
+    The pooled AUROC mixes two abilities: ranking prompts (capability) and ranking a prompt's samples.
+    Win-or-tie targets score the wrong samples of a hard prompt *high* (resampling would not help), so a
+    model that only learned capability scores below 0.5 pooled; this isolates the per-sample ranking.
+
+    Example:
+        >>> s = [EvalSample("a", "f", True, 3, 0.9, 0, 0), EvalSample("a", "f", False, 3, 0.8, 0, 0),
+        ...      EvalSample("b", "f", False, 3, 0.99, 0, 0), EvalSample("b", "f", True, 3, 0.1, 0, 0)]
+        >>> within_prompt_auroc(s)
+        0.5
+    """
+    groups: dict[str, list[EvalSample]] = {}
+    for s in samples:
+        groups.setdefault(s.task_id, []).append(s)
+    values = [auroc([s.p_full for s in g], [float(s.correct) for s in g]) for g in groups.values()]
+    found = [v for v in values if v is not None]
+    return sum(found) / len(found) if found else None
+
+
 def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
@@ -204,6 +225,7 @@ def summarize(samples: Sequence[EvalSample], checkpoints: Sequence[int], bins: i
         "samples": len(samples),
         "auroc_full": _r(auroc(p, y)),
         "auroc_full_raw_p_no": _r(auroc([s.p_no for s in samples], y)),
+        "auroc_within_prompt": _r(within_prompt_auroc(samples)),
         "auroc_at": {},
         "samples_at": {},
         "brier_correct": _r(brier_score(p, y)),
@@ -387,6 +409,7 @@ def render_table(report: dict[str, Any]) -> str:
 
     rows: list[tuple[str, list[Any]]] = [
         ("AUROC, full responses", [models[n]["trained"]["auroc_full"] for n in names]),
+        ("AUROC within prompts, full", [models[n]["trained"].get("auroc_within_prompt") for n in names]),
     ]
     for k in checkpoints:
         rows.append(

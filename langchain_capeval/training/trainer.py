@@ -340,6 +340,9 @@ class SelfEvalTrainer:
                     bar.set_postfix(loss=row["loss"], answer=row["answer_loss"])
                     running = {}
                 bar.update(1)
+                if cfg.save_every and step % cfg.save_every == 0 and step < total:
+                    self.result = TrainResult(step, len(self.examples), time.perf_counter() - start, history)
+                    self.save()
         bar.close()
         self.model.eval()
         self.result = TrainResult(step, len(self.examples), time.perf_counter() - start, history)
