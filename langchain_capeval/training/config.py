@@ -139,6 +139,10 @@ class SelfEvalTrainingConfig(_Config):
     exclude_families: tuple[str, ...] = ()
     """Task families to drop from the data before training (to hold one out)."""
 
+    samples_per_prompt: int | None = Field(default=None, ge=1)
+    """Train on the first this many samples of each prompt (targets still come from all of them: 16 samples
+    give finer win-or-tie targets than 8, at half the training cost); ``None`` takes all."""
+
     seed: int = Field(default=0, ge=0)
     """Seed of the LoRA initialisation and the batch order."""
 

@@ -58,7 +58,12 @@ HF_BASE_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def build_examples(
-    records: Sequence[PromptRecord], chat_format: ChatFormat, *, pack: bool = True, exclude_families: Sequence[str] = ()
+    records: Sequence[PromptRecord],
+    chat_format: ChatFormat,
+    *,
+    pack: bool = True,
+    exclude_families: Sequence[str] = (),
+    samples_per_prompt: int | None = None,
 ) -> list[PackedSample]:
     """Turn preference records into training sequences: per sample, its full response and its prefixes.
 
@@ -67,6 +72,8 @@ def build_examples(
         chat_format: The chat format of the model to train (gives the self-evaluation turn).
         pack: One tree-packed sequence per sample; else one plain sequence per evaluated length.
         exclude_families: Task families to leave out.
+        samples_per_prompt: Train on the first this many samples of each prompt (their targets were
+            computed among all the prompt's samples); ``None`` takes all.
 
     Example:
         >>> build_examples([], chat_format)  # doctest: +SKIP
@@ -79,7 +86,7 @@ def build_examples(
     for record in records:
         if record.family in exclude_families:
             continue
-        for s in record.samples:
+        for s in record.samples[:samples_per_prompt]:
             lengths = [len(s.token_ids), *s.prefix_lengths]
             targets = [s.target] * len(lengths)
             if pack:
@@ -208,7 +215,11 @@ class SelfEvalTrainer:
             if not records:
                 raise ValueError(f"data: no records in {config.data}; build them with `capeval build-data`")
         self.examples = build_examples(
-            records, self.chat_format, pack=config.pack_prefixes, exclude_families=config.exclude_families
+            records,
+            self.chat_format,
+            pack=config.pack_prefixes,
+            exclude_families=config.exclude_families,
+            samples_per_prompt=config.samples_per_prompt,
         )
         if not self.examples:
             raise ValueError("no training examples left (every family excluded?)")
