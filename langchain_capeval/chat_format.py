@@ -40,12 +40,31 @@ ChatMessage = Mapping[str, Any]
 """A message as a mapping with ``role`` and ``content`` (the OpenAI shape)."""
 
 
+def lone_surrogate_at(text: str) -> int | None:
+    r"""Index of the first lone surrogate in ``text`` (a character UTF-8 cannot encode), or ``None``.
+
+    Such text is not valid Unicode: it cannot be tokenized or sent back as UTF-8 JSON.
+    JSON may carry one as an escape (``"\ud800"``), which Python's ``json`` decodes as is.
+
+    Example:
+        >>> lone_surrogate_at("caf\u00e9"), lone_surrogate_at("ab\ud800")
+        (None, 2)
+
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return int(e.start)
+    return None
+
+
 def validate_messages(messages: object) -> list[dict[str, str]]:
     """Check a message list and return it as plain ``{"role", "content"}`` dicts.
 
     Raises:
         InvalidMessagesError: Empty list, a non-mapping item, an unknown role, a
-            non-string content, or a last message that is not from the user.
+            non-string content or one that is not valid Unicode (a lone surrogate),
+            or a last message that is not from the user.
 
     Example:
         >>> validate_messages([{"role": "user", "content": "hi"}])  # doctest: +ELLIPSIS
@@ -71,6 +90,12 @@ def validate_messages(messages: object) -> list[dict[str, str]]:
             raise InvalidMessagesError(f"messages[{i}]: unknown role {role!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(content, str):
             raise InvalidMessagesError(f"messages[{i}]: content must be a string, got {type(content).__name__}")
+        bad = lone_surrogate_at(content)
+        if bad is not None:
+            raise InvalidMessagesError(
+                f"messages[{i}]: content is not valid Unicode: a lone surrogate {content[bad]!r} at position {bad}; "
+                "send UTF-8 text"
+            )
         out.append({"role": str(role), "content": content})
     if out[-1]["role"] != "user":
         raise InvalidMessagesError(

@@ -18,29 +18,44 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
+import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
-from langchain_core.callbacks import CallbackManager, CallbackManagerForLLMRun, dispatch_custom_event
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForLLMRun,
+    CallbackManager,
+    CallbackManagerForLLMRun,
+    dispatch_custom_event,
+)
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
-from langchain_core.language_models.chat_models import generate_from_stream
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, convert_to_messages
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables.config import run_in_executor
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
 from langchain_capeval.config import CapEvalConfig
 from langchain_capeval.engines.base import Engine
-from langchain_capeval.errors import InvalidMessagesError, UnsupportedFeatureError
+from langchain_capeval.errors import (
+    InvalidMessagesError,
+    UnknownRowError,
+    UnsupportedFeatureError,
+)
 
 _ENGINES: dict[tuple[str | None, str | None, str], Engine] = {}
 _ENGINES_LOCK = threading.Lock()
 
 PROGRESS_EVENT = "capeval_progress"
 """Name of the custom callback event that carries each progress event."""
+
+IGNORED_STANDARD_PARAMS = frozenset({"timeout", "max_retries", "api_key", "streaming"})
+"""LangChain's standard chat model arguments that mean nothing for a local model: accepted and ignored."""
 
 
 def shared_engine(model: str | None, adapter: str | None, device: str) -> Engine:
@@ -74,9 +89,10 @@ def to_chat_dicts(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
         content = m.content
         if isinstance(content, list):
             parts = [p if isinstance(p, str) else p.get("text") if p.get("type") == "text" else None for p in content]
-            if any(p is None for p in parts):
-                raise InvalidMessagesError(f"messages[{i}]: only text content is supported")
-            content = "".join(str(p) for p in parts)
+            texts = [p for p in parts if isinstance(p, str)]
+            if len(texts) != len(parts):
+                raise InvalidMessagesError(f"messages[{i}]: only text content is supported (text parts with a string)")
+            content = "".join(texts)
         out.append({"role": role, "content": str(content)})
     return out
 
@@ -113,6 +129,10 @@ class ChatCapEval(BaseChatModel):
 
     _graph: Any = PrivateAttr(default=None)
 
+    def __init__(self, **kwargs: Any) -> None:
+        """Build the model; fields of :class:`CapEvalConfig` may be given directly (``ChatCapEval(max_samples=4)``)."""
+        super().__init__(**kwargs)
+
     @model_validator(mode="before")
     @classmethod
     def _collect_policy_fields(cls, values: Any) -> Any:
@@ -129,6 +149,14 @@ class ChatCapEval(BaseChatModel):
             if name in values:
                 fields[name] = values.pop(name)
         values["policy"] = CapEvalConfig.model_validate(fields)
+        for name in IGNORED_STANDARD_PARAMS:
+            values.pop(name, None)
+        unknown = sorted(set(values) - set(cls.model_fields))
+        if unknown:
+            raise ValueError(
+                f"unknown argument(s) {unknown}; ChatCapEval takes {sorted(cls.model_fields)} "
+                f"and the policy fields {sorted(CapEvalConfig.field_names())}"
+            )
         return values
 
     @property
@@ -204,25 +232,25 @@ class ChatCapEval(BaseChatModel):
 
     def invoke(self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any) -> AIMessage:
         """Like ``BaseChatModel.invoke``; ``config["configurable"]`` may override policy fields."""
-        return super().invoke(input, config, **self._with_configurable(config, kwargs))
+        return super().invoke(readable_input(input), config, **self._with_configurable(config, kwargs))
 
     async def ainvoke(
         self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any
     ) -> AIMessage:
         """Like ``BaseChatModel.ainvoke``; ``config["configurable"]`` may override policy fields."""
-        return await super().ainvoke(input, config, **self._with_configurable(config, kwargs))
+        return await super().ainvoke(readable_input(input), config, **self._with_configurable(config, kwargs))
 
     def stream(
         self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any
     ) -> Iterator[AIMessageChunk]:
         """Like ``BaseChatModel.stream``; ``config["configurable"]`` may override policy fields."""
-        yield from super().stream(input, config, **self._with_configurable(config, kwargs))
+        yield from super().stream(readable_input(input), config, **self._with_configurable(config, kwargs))
 
     async def astream(
         self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any
     ) -> AsyncIterator[AIMessageChunk]:
         """Like ``BaseChatModel.astream``; ``config["configurable"]`` may override policy fields."""
-        async for chunk in super().astream(input, config, **self._with_configurable(config, kwargs)):
+        async for chunk in super().astream(readable_input(input), config, **self._with_configurable(config, kwargs)):
             yield chunk
 
     # -- BaseChatModel hooks ------------------------------------------------------------------------
@@ -243,10 +271,16 @@ class ChatCapEval(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        policy = self.policy.merged({k: v for k, v in kwargs.items() if k in CapEvalConfig.field_names()})
-        if "max_tokens" in kwargs and kwargs["max_tokens"] is not None:
-            policy = policy.merged({"max_new_tokens": kwargs["max_tokens"]})
-        state_in = {"messages": to_chat_dicts(messages), "stop": [*(self.stop or []), *(stop or [])]}
+        overrides = {k: v for k, v in kwargs.items() if k in CapEvalConfig.field_names()}
+        if kwargs.get("max_tokens") is not None:  # LangChain's name of max_new_tokens; merged in the same step
+            overrides["max_new_tokens"] = kwargs["max_tokens"]
+        policy = self.policy.merged(overrides)
+        request_id = kwargs.get("request_id") or uuid.uuid4().hex
+        state_in = {
+            "messages": to_chat_dicts(messages),
+            "stop": [*(self.stop or []), *(stop or [])],
+            "request_id": request_id,
+        }
         forward = _outer_stream_writer()
         model = kwargs.get("model")  # a per-call model override: another local model, with its own engine
         graph = self.get_graph_runnable(model)
@@ -263,10 +297,51 @@ class ChatCapEval(BaseChatModel):
                 else:
                     final = chunk
         finally:  # a failed or abandoned run must not leave rows in the engine
-            request_id = final.get("request_id")
-            if request_id and "answer" not in final:
+            if "answer" not in final:
                 _close_quietly(engine, request_id)
         yield from self._answer_chunks(final, engine, run_manager)
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        return await agenerate_from_stream(self._astream(messages, stop=stop, run_manager=run_manager, **kwargs))
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        """Run the graph in a worker thread; if the caller is cancelled, cancel the engine request.
+
+        Cancelling the ``ainvoke``/``astream`` task frees the request's engine rows before
+        the engine's next decode step (the graph's thread then stops on
+        :class:`~langchain_capeval.errors.RequestCancelledError`).
+        """
+        request_id = kwargs.pop("request_id", None) or uuid.uuid4().hex
+        engine = self.get_engine(kwargs.get("model"))
+        chunks = self._stream(
+            messages,
+            stop=stop,
+            run_manager=run_manager.get_sync() if run_manager else None,
+            request_id=request_id,
+            **kwargs,
+        )
+        done = object()
+        try:
+            while True:
+                chunk = await run_in_executor(None, next, chunks, done)
+                if not isinstance(chunk, ChatGenerationChunk):
+                    return
+                yield chunk
+        except asyncio.CancelledError:
+            await asyncio.shield(run_in_executor(None, _cancel_quietly, engine, request_id))
+            raise
 
     def _answer_chunks(
         self, final: dict[str, Any], engine: Engine, run_manager: CallbackManagerForLLMRun | None
@@ -320,6 +395,30 @@ class ChatCapEval(BaseChatModel):
         if run_manager is not None:
             run_manager.on_llm_new_token("", chunk=last)
         yield last
+
+
+def readable_input(value: LanguageModelInput) -> LanguageModelInput:
+    """``value``, once each item of a message list is known to be readable by LangChain's coercion.
+
+    LangChain raises its documented ``ValueError``/``NotImplementedError`` for most bad items, but a
+    ``KeyError`` for some (a ``("tool", ...)`` message without a ``tool_call_id``).
+
+    Raises:
+        InvalidMessagesError: An item LangChain's coercion fails on with an undocumented error.
+
+    """
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        return value
+    for i, item in enumerate(value):
+        try:
+            convert_to_messages([item])
+        except (ValueError, NotImplementedError):
+            break  # LangChain's own documented error: let invoke raise it as usual
+        except Exception as e:
+            raise InvalidMessagesError(
+                f"messages[{i}]: LangChain cannot read it as a message ({type(e).__name__}: {e})"
+            ) from e
+    return value
 
 
 def _token_pieces(engine: Engine, text: str) -> list[str]:
@@ -381,10 +480,13 @@ def _outer_stream_writer() -> Any:
 
 
 def _close_quietly(engine: Engine, request_id: str) -> None:
-    from langchain_capeval.errors import UnknownRowError
-
     with contextlib.suppress(UnknownRowError):
         engine.close_request(request_id)
+
+
+def _cancel_quietly(engine: Engine, request_id: str) -> None:
+    with contextlib.suppress(UnknownRowError):
+        engine.cancel(request_id)
 
 
 __all__ = ["PROGRESS_EVENT", "ChatCapEval", "shared_engine", "to_chat_dicts"]

@@ -81,8 +81,9 @@ class CapEvalConfig(BaseModel):
     max_total_tokens: int | None = Field(default=None, ge=1)
     """Budget: most tokens generated plus self-evaluation tokens for one request; ``None``: no limit."""
 
-    deadline_s: float | None = Field(default=None, gt=0.0)
-    """Budget: seconds after which sampling stops and the best sample so far is returned."""
+    deadline_s: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
+    """Budget: seconds after which sampling stops and the best sample so far is returned; ``None``: no deadline
+    (a finite number: an infinite one cannot be reported back as JSON)."""
 
     seed: int | None = Field(default=None, ge=0)
     """Seed of the request's samples; ``None`` draws a fresh one per request."""

@@ -120,3 +120,19 @@ class ServerFeatureError(UnsupportedFeatureError):
 
 class RequestCancelledError(CapEvalError):
     """A request was cancelled (its HTTP client disconnected); its engine rows are being freed."""
+
+
+class EngineClosedError(CapEvalError):
+    """The engine was closed; it accepts no more work."""
+
+
+class BudgetTooSmallError(CapEvalInputError):
+    """The token budget (``max_total_tokens``) cannot fit even one sample of one token and its self-evaluation."""
+
+    def __init__(self, max_total_tokens: int, needed: int) -> None:
+        self.max_total_tokens = max_total_tokens
+        self.needed = needed
+        super().__init__(
+            f"max_total_tokens={max_total_tokens} cannot fit one sample: a sample of 1 token and its "
+            f"self-evaluation need {needed} tokens; raise max_total_tokens to at least {needed} or leave it unset"
+        )

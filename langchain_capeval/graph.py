@@ -40,6 +40,7 @@ from langgraph.runtime import Runtime
 
 from langchain_capeval.config import CapEvalConfig
 from langchain_capeval.engines.base import Engine, Sample
+from langchain_capeval.errors import BudgetTooSmallError
 from langchain_capeval.policy import (
     StopReason,
     best_of_n,
@@ -179,8 +180,16 @@ class CapEvalNodes:
         }
 
     def start(self, state: CapEvalState, runtime: Runtime[CapEvalConfig]) -> CapEvalState:
-        """Encode the messages; fix the request id, the seed and the deadline."""
+        """Encode the messages; fix the request id, the seed and the deadline.
+
+        Raises:
+            BudgetTooSmallError: ``max_total_tokens`` cannot fit one sample of one token and its self-evaluation.
+
+        """
         cfg = self.settings(runtime)
+        first = plan_next_batch(cfg, batches_drawn=0, samples_drawn=0, tokens_spent=0, eval_tokens=self.eval_tokens)
+        if first is None:  # only a token budget can leave no room for a first sample
+            raise BudgetTooSmallError(cfg.max_total_tokens or 0, 1 + self.eval_tokens)
         seed = cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31)
         deadline = time.monotonic() + cfg.deadline_s if cfg.deadline_s is not None else None
         return {

@@ -15,7 +15,7 @@ The four operations are the method's primitives:
 * :meth:`Engine.self_evaluate` asks the model, on top of each row's live state,
   whether it would do better by starting over, and returns P(win or tie);
 * :meth:`Engine.release` drops rows (pruned, or done with): they cost nothing
-  further.
+  further; :meth:`Engine.cancel` stops a whole request from any thread.
 
 Example:
     >>> from langchain_capeval.engines import load_engine  # doctest: +SKIP
@@ -191,4 +191,13 @@ class Engine(Protocol):
 
     def close_request(self, request_id: str) -> Usage:
         """Release every row and the cached prompt of a request; return its usage."""
+        ...
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request from any thread: free its rows at once; its pending and later calls raise.
+
+        A ``generate`` waiting on the request's rows and any later ``submit`` for it raise
+        :class:`~langchain_capeval.errors.RequestCancelledError`. Cancelling an unknown or
+        closed request is allowed.
+        """
         ...

@@ -140,6 +140,12 @@ class KVBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the key/value buffers and the mask."""
+        kv = sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        return kv + self.mask.numel() * self.mask.element_size()
+
     def real_lengths(self) -> torch.Tensor:
         """``[B]`` real (non-padding) tokens per row."""
         return self.mask[:, : self.length].sum(dim=1)

@@ -58,6 +58,7 @@ from langchain_capeval.engines.decoding import win_or_tie_probability
 from langchain_capeval.errors import (
     InvalidSamplingError,
     PromptTooLongError,
+    RequestCancelledError,
     ServerConnectionError,
     ServerError,
     ServerFeatureError,
@@ -175,6 +176,7 @@ class OpenAICompatibleEngine:
         self._requests: dict[str, _Request] = {}
         self._ids = itertools.count()
         self._lock = threading.RLock()
+        self._cancelled: set[str] = set()  # read without the lock by a stream being read
         self._pool: ThreadPoolExecutor | None = None
 
     @classmethod
@@ -251,6 +253,8 @@ class OpenAICompatibleEngine:
             raise PromptTooLongError(len(prompt), longest, budget)
         with self._lock:
             request_id = request_id or uuid.uuid4().hex
+            if request_id in self._cancelled:
+                raise RequestCancelledError(f"request {request_id!r} was cancelled")
             req = self._requests.get(request_id)
             if req is None:
                 req = self._requests[request_id] = _Request(prompt)
@@ -346,6 +350,13 @@ class OpenAICompatibleEngine:
             self.release(list(self._requests[request_id].rows))
             del self._requests[request_id]
             return usage
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request: a stream being read stops at its next event; its streams close and it is forgotten."""
+        self._cancelled.add(request_id)
+        with self._lock:
+            if request_id in self._requests:
+                self.close_request(request_id)
 
     @property
     def live_rows(self) -> int:
@@ -492,6 +503,8 @@ class OpenAICompatibleEngine:
         start = time.perf_counter()
         try:
             while not row.finished and (until is None or len(row.token_ids) < until):
+                if row.request_id in self._cancelled:
+                    raise RequestCancelledError(f"request {row.request_id!r} was cancelled")
                 event = self._next_event(row)
                 if event is None:
                     raise ServerError(f"the stream of row {row.id} ended before its completion finished")

@@ -10,6 +10,12 @@ pending tokens; a self-evaluation pushes the pending token plus the
 self-evaluation turn, reads P("No") and P("Yes"), and rolls the cache back, so
 generation resumes exactly as if nothing had happened.
 
+Concurrent requests share the model through a
+:class:`~langchain_capeval.engines.scheduler.StepScheduler`: one worker thread runs
+every model call; the ``generate`` calls pending at a step are decoded together in
+one batch, whichever requests their rows belong to; submits, self-evaluations,
+releases and cancels run between steps.
+
 Example:
     >>> from langchain_capeval.engines.transformers import TransformersEngine
     >>> from langchain_capeval.sampling import SamplingParams
@@ -25,9 +31,9 @@ Example:
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -39,7 +45,8 @@ from langchain_capeval.chat_format import ChatFormat
 from langchain_capeval.engines.base import FinishReason, RowId, Sample, SelfEvaluation, Usage
 from langchain_capeval.engines.decoding import answer_probabilities, sample_next_tokens, win_or_tie_probability
 from langchain_capeval.engines.kv_batch import KVBatch
-from langchain_capeval.errors import InvalidSamplingError, PromptTooLongError, UnknownRowError
+from langchain_capeval.engines.scheduler import DecodeCall, StepScheduler
+from langchain_capeval.errors import InvalidSamplingError, PromptTooLongError, RequestCancelledError, UnknownRowError
 from langchain_capeval.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -95,7 +102,8 @@ class TransformersEngine:
     """An :class:`~langchain_capeval.engines.base.Engine` over a Hugging Face causal LM, on CPU or GPU.
 
     Build it with :meth:`from_config` (loads the model) or from a ready model and
-    tokenizer. Public methods are thread-safe.
+    tokenizer. Public methods are thread-safe: they run on the engine's scheduler
+    thread, and concurrent ``generate`` calls share decode steps.
 
     Args:
         model: A causal LM (adapters already applied).
@@ -116,23 +124,20 @@ class TransformersEngine:
         self._requests: dict[str, _Request] = {}
         self._batches: list[KVBatch] = []  # every live row's cache is in exactly one batch
         self._ids = itertools.count()
-        self._lock = threading.RLock()
+        self._cancelled: OrderedDict[str, None] = OrderedDict()  # recently cancelled request ids
+        self.scheduler = StepScheduler(self._decode_step, name=f"capeval-engine-{name}")
         self.load_report: LoadReport | None = None
 
     @classmethod
     def from_config(cls, config: TransformersEngineConfig | None = None) -> TransformersEngine:
         """Load the model the config names and build the engine."""
-        from langchain_capeval.adapters import default_adapter_path
-        from langchain_capeval.models import DEFAULT_MODEL, load_model
+        from langchain_capeval.adapters import resolve_adapter
+        from langchain_capeval.models import load_model
 
         config = config or TransformersEngineConfig()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        adapter = config.adapter
-        if adapter == "default":
-            is_default = config.model in (None, DEFAULT_MODEL)
-            shipped = default_adapter_path()
-            adapter = str(shipped) if (is_default and shipped is not None) else None
+        adapter = resolve_adapter(config.model, config.adapter)
         loaded = load_model(config.model, adapter=adapter, device=config.device, dtype=config.dtype)
         name = loaded.name + ("+selfeval" if adapter else "")
         engine = cls(loaded.model, loaded.tokenizer, name=name)
@@ -181,26 +186,31 @@ class TransformersEngine:
         budget = self.context_length - self._suffix_room
         if len(prompt) + longest > budget:
             raise PromptTooLongError(len(prompt), longest, budget)
-        with self._lock:
-            start = time.perf_counter()
-            request_id = request_id or uuid.uuid4().hex
-            req = self._requests.get(request_id)
-            if req is None:
-                req = self._prefill(request_id, prompt)
-            elif req.prompt_ids != prompt:
-                raise InvalidSamplingError(f"request {request_id!r} already has a different prompt")
-            ids = [next(self._ids) for _ in params]
-            for rid, p in zip(ids, params, strict=True):
-                gen = torch.Generator().manual_seed(p.seed)
-                self._rows[rid] = _Row(rid, request_id, p, gen)
-            req.rows.extend(ids)
-            batch = req.prompt.expand(ids, extra_capacity=longest + self._suffix_room)
-            self._batches.append(batch)
-            rows = [self._rows[r] for r in ids]
-            first = self._sample(rows, req.last_logits.expand(len(rows), -1))
-            self._append(rows, first)
-            self._charge(rows, time.perf_counter() - start)
-            return ids
+        return self.scheduler.run(lambda: self._submit(prompt, params, longest, request_id or uuid.uuid4().hex))
+
+    def _submit(
+        self, prompt: list[int], params: Sequence[SamplingParams], longest: int, request_id: str
+    ) -> list[RowId]:
+        if request_id in self._cancelled:
+            raise RequestCancelledError(f"request {request_id!r} was cancelled")
+        start = time.perf_counter()
+        req = self._requests.get(request_id)
+        if req is None:
+            req = self._prefill(request_id, prompt)
+        elif req.prompt_ids != prompt:
+            raise InvalidSamplingError(f"request {request_id!r} already has a different prompt")
+        ids = [next(self._ids) for _ in params]
+        for rid, p in zip(ids, params, strict=True):
+            gen = torch.Generator().manual_seed(p.seed)
+            self._rows[rid] = _Row(rid, request_id, p, gen)
+        req.rows.extend(ids)
+        batch = req.prompt.expand(ids, extra_capacity=longest + self._suffix_room)
+        self._batches.append(batch)
+        rows = [self._rows[r] for r in ids]
+        first = self._sample(rows, req.last_logits.expand(len(rows), -1))
+        self._append(rows, first)
+        self._charge(rows, time.perf_counter() - start)
+        return ids
 
     def _prefill(self, request_id: str, prompt: list[int]) -> _Request:
         """Prefill the prompt once into a one-row cache."""
@@ -221,33 +231,46 @@ class TransformersEngine:
         """
         if until is not None and (not isinstance(until, int) or until < 1):
             raise InvalidSamplingError(f"until must be an integer >= 1 or None, got {until!r}")
-        with self._lock:
-            live = self._lookup(rows)
-            todo = [r for r in live if not r.finished and (until is None or len(r.token_ids) < until)]
-            if todo:
-                self._decode(todo, until, deadline)
-            return [self._snapshot(r) for r in live]
+        result: list[Sample] = self.scheduler.decode(DecodeCall(list(rows), until, deadline))
+        return result
 
-    def _decode(self, todo: list[_Row], until: int | None, deadline: float | None) -> None:
-        room = max(r.params.max_new_tokens - len(r.token_ids) for r in todo) + self._suffix_room
-        batch = self._assemble([r.id for r in todo], extra=room)
+    def _decode_step(self, calls: list[DecodeCall]) -> None:
+        """One scheduler step: decode the rows of every pending call together, then complete the done calls.
+
+        A call is done when each of its rows is finished or has ``until`` tokens, or
+        after the step that passes its deadline. Rows leave the decode batch as soon as
+        they stop (their cache parks in a batch of its own), so they cost nothing further.
+        """
+        todo: dict[RowId, _Row] = {}
+        waiting: list[tuple[DecodeCall, list[_Row]]] = []
+        for call in calls:
+            try:
+                live = self._lookup(call.rows)
+            except UnknownRowError as e:  # released (pruned, cancelled) while the call was queued
+                call.fail(e)
+                continue
+            rows = [r for r in live if not r.finished and (call.until is None or len(r.token_ids) < call.until)]
+            if not rows:
+                call.finish([self._snapshot(r) for r in live])
+                continue
+            todo.update((r.id, r) for r in rows)
+            waiting.append((call, live))
+        if not todo:
+            return
+        start = time.perf_counter()
+        room = max(r.params.max_new_tokens - len(r.token_ids) for r in todo.values()) + self._suffix_room
+        batch = self._assemble(list(todo), extra=room)
         rows = [self._rows[i] for i in batch.rows]
-        while rows:
-            start = time.perf_counter()
-            pending = torch.tensor([[r.token_ids[-1]] for r in rows], device=self._device)
-            logits = batch.forward(self.model, pending)
-            self._append(rows, self._sample(rows, logits))
-            self._charge(rows, time.perf_counter() - start)
-            if deadline is not None and time.monotonic() >= deadline:
-                return
-            keep = [i for i, r in enumerate(rows) if not r.finished and (until is None or len(r.token_ids) < until)]
-            if len(keep) < len(rows):
-                leave = [i for i in range(len(rows)) if i not in set(keep)]
-                if keep:  # split: the leaving rows park in their own batch, the rest decode on
-                    kept = batch.select(keep)
-                    self._replace(batch, [batch.select(leave), kept])
-                    batch = kept
-                rows = [rows[i] for i in keep]
+        pending = torch.tensor([[r.token_ids[-1]] for r in rows], device=self._device)
+        logits = batch.forward(self.model, pending)
+        self._append(rows, self._sample(rows, logits))
+        self._charge(rows, time.perf_counter() - start)
+        now = time.monotonic()
+        for call, live in waiting:
+            call.steps += 1
+            busy = [r for r in live if not r.finished and (call.until is None or len(r.token_ids) < call.until)]
+            if not busy or (call.deadline is not None and now >= call.deadline):
+                call.finish([self._snapshot(r) for r in live])
 
     def self_evaluate(self, rows: Sequence[RowId]) -> list[SelfEvaluation]:
         """Ask each row "Would you do better if you started over?" on top of its live cache.
@@ -255,74 +278,120 @@ class TransformersEngine:
         One forward pass over the pending token plus the self-evaluation turn; the
         cache is rolled back afterwards.
         """
-        with self._lock:
-            live = self._lookup(rows)
-            if not live:
-                return []
-            start = time.perf_counter()
-            batch = self._assemble([r.id for r in live], extra=self._suffix_room)
-            order = [self._rows[i] for i in batch.rows]
-            chunks = [[r.token_ids[-1], *self._format.suffix_after(r.token_ids)] for r in order]
-            width = max(len(c) for c in chunks)
-            ids = torch.zeros(len(chunks), width, dtype=torch.long)
-            mask = torch.zeros(len(chunks), width, dtype=torch.bool)
-            for i, c in enumerate(chunks):  # left-pad so every row's last position is real
-                ids[i, width - len(c) :] = torch.tensor(c)
-                mask[i, width - len(c) :] = True
-            length, next_pos = batch.length, batch.next_pos
-            logits = batch.forward(self.model, ids.to(self._device), mask.to(self._device))
-            batch.truncate(length, next_pos)
-            p_no, p_yes = answer_probabilities(logits, self._no_id, self._yes_id)
-            elapsed = time.perf_counter() - start
-            result: dict[RowId, SelfEvaluation] = {}
-            for i, r in enumerate(order):
-                r.usage.self_eval_tokens += len(chunks[i])
-                self._requests[r.request_id].usage.self_eval_tokens += len(chunks[i])
-                no, yes = float(p_no[i]), float(p_yes[i])
-                result[r.id] = SelfEvaluation(r.id, win_or_tie_probability(no, yes), no, yes, len(r.token_ids))
-            self._charge(order, elapsed)
-            return [result[r.id] for r in live]
+        return self.scheduler.run(lambda: self._self_evaluate(rows))
+
+    def _self_evaluate(self, rows: Sequence[RowId]) -> list[SelfEvaluation]:
+        live = self._lookup(rows)
+        if not live:
+            return []
+        start = time.perf_counter()
+        batch = self._gather([r.id for r in live], extra=self._suffix_room)
+        order = [self._rows[i] for i in batch.rows]
+        chunks = [[r.token_ids[-1], *self._format.suffix_after(r.token_ids)] for r in order]
+        width = max(len(c) for c in chunks)
+        ids = torch.zeros(len(chunks), width, dtype=torch.long)
+        mask = torch.zeros(len(chunks), width, dtype=torch.bool)
+        for i, c in enumerate(chunks):  # left-pad so every row's last position is real
+            ids[i, width - len(c) :] = torch.tensor(c)
+            mask[i, width - len(c) :] = True
+        length, next_pos = batch.length, batch.next_pos
+        logits = batch.forward(self.model, ids.to(self._device), mask.to(self._device))
+        batch.truncate(length, next_pos)
+        p_no, p_yes = answer_probabilities(logits, self._no_id, self._yes_id)
+        elapsed = time.perf_counter() - start
+        result: dict[RowId, SelfEvaluation] = {}
+        for i, r in enumerate(order):
+            r.usage.self_eval_tokens += len(chunks[i])
+            self._requests[r.request_id].usage.self_eval_tokens += len(chunks[i])
+            no, yes = float(p_no[i]), float(p_yes[i])
+            result[r.id] = SelfEvaluation(r.id, win_or_tie_probability(no, yes), no, yes, len(r.token_ids))
+        self._charge(order, elapsed)
+        return [result[r.id] for r in live]
 
     def sample(self, row: RowId) -> Sample:
         """A snapshot of one row."""
-        with self._lock:
-            return self._snapshot(self._lookup([row])[0])
+        return self.scheduler.run(lambda: self._snapshot(self._lookup([row])[0]))
 
     def release(self, rows: Sequence[RowId]) -> None:
-        """Drop rows: their cache leaves its batch at once; unknown ids are ignored."""
-        with self._lock:
-            gone = {r for r in rows if r in self._rows}
-            for batch in list(self._batches):
-                keep = [i for i, r in enumerate(batch.rows) if r not in gone]
-                if len(keep) < len(batch):
-                    self._replace(batch, [batch.select(keep)] if keep else [])
-            for r in gone:
-                row = self._rows.pop(r)
-                req = self._requests.get(row.request_id)
-                if req is not None:
-                    req.rows.remove(r)
+        """Drop rows: their cache leaves its batch before the next decode step; unknown ids are ignored."""
+        self.scheduler.run(lambda: self._release(rows))
+
+    def _release(self, rows: Sequence[RowId]) -> None:
+        gone = {r for r in rows if r in self._rows}
+        for batch in list(self._batches):
+            keep = [i for i, r in enumerate(batch.rows) if r not in gone]
+            if len(keep) < len(batch):
+                self._replace(batch, [batch.select(keep)] if keep else [])
+        for r in gone:
+            row = self._rows.pop(r)
+            req = self._requests.get(row.request_id)
+            if req is not None:
+                req.rows.remove(r)
 
     def usage(self, request_id: str) -> Usage:
         """Compute spent on a request so far."""
-        with self._lock:
-            if request_id not in self._requests:
-                raise UnknownRowError(f"unknown request {request_id!r}")
-            u = self._requests[request_id].usage
-            return Usage(u.prompt_tokens, u.generated_tokens, u.self_eval_tokens, u.wall_time_s)
+        return self.scheduler.run(lambda: self._usage(request_id))
+
+    def _usage(self, request_id: str) -> Usage:
+        if request_id not in self._requests:
+            raise UnknownRowError(f"unknown request {request_id!r}")
+        u = self._requests[request_id].usage
+        return Usage(u.prompt_tokens, u.generated_tokens, u.self_eval_tokens, u.wall_time_s)
 
     def close_request(self, request_id: str) -> Usage:
         """Release every row and the prompt cache of a request; return its usage."""
-        with self._lock:
-            usage = self.usage(request_id)
-            self.release(list(self._requests[request_id].rows))
-            del self._requests[request_id]
-            return usage
+        return self.scheduler.run(lambda: self._close_request(request_id))
+
+    def _close_request(self, request_id: str) -> Usage:
+        usage = self._usage(request_id)
+        self._release(list(self._requests[request_id].rows))
+        del self._requests[request_id]
+        return usage
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request from any thread: its rows and prompt cache are freed before the next decode step.
+
+        Its pending ``generate`` calls and any later ``submit`` for it raise
+        :class:`~langchain_capeval.errors.RequestCancelledError`. Cancelling a request
+        that is unknown (not started yet, or already closed) is allowed and makes its
+        later submits fail.
+        """
+        self.scheduler.run(lambda: self._cancel(request_id))
+
+    def _cancel(self, request_id: str) -> None:
+        self._cancelled[request_id] = None
+        while len(self._cancelled) > _CANCELLED_KEPT:
+            self._cancelled.popitem(last=False)
+        req = self._requests.get(request_id)
+        if req is None:
+            return
+        rows = set(req.rows)
+        error = RequestCancelledError(f"request {request_id!r} was cancelled")
+        for call in self.scheduler.pending_calls():
+            if rows.intersection(call.rows):
+                call.fail(error)
+        self._close_request(request_id)
 
     @property
     def live_rows(self) -> int:
         """Rows whose cache the engine holds."""
-        with self._lock:
-            return sum(len(b) for b in self._batches)
+        return self.scheduler.run(lambda: sum(len(b) for b in self._batches))
+
+    @property
+    def live_requests(self) -> int:
+        """Requests whose prompt cache the engine holds."""
+        return self.scheduler.run(lambda: len(self._requests))
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes of every KV buffer the engine holds (rows and prompt caches)."""
+        return self.scheduler.run(
+            lambda: sum(b.nbytes for b in self._batches) + sum(r.prompt.nbytes for r in self._requests.values())
+        )
+
+    def close(self) -> None:
+        """Finish queued work and stop the scheduler thread; the engine accepts no more work."""
+        self.scheduler.close()
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -358,6 +427,24 @@ class TransformersEngine:
         merged.reserve(extra)
         self._batches.append(merged)
         return merged
+
+    def _gather(self, ids: list[RowId], extra: int) -> KVBatch:
+        """A batch holding exactly the rows ``ids``, for a forward pass that is rolled back afterwards.
+
+        A batch that already holds exactly these rows is used in place; otherwise the
+        rows are copied out of their batches, which stay as they are (a shared decode
+        batch is not split for a self-evaluation of a few of its rows).
+        """
+        wanted = set(ids)
+        parts: list[KVBatch] = []
+        for b in self._batches:
+            if set(b.rows) == wanted:
+                b.reserve(extra)
+                return b
+            take = [i for i, r in enumerate(b.rows) if r in wanted]
+            if take:
+                parts.append(b.select(take))
+        return KVBatch.concat(parts, extra_capacity=extra)
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
         dev = logits.device
@@ -411,3 +498,7 @@ class TransformersEngine:
             temperature=r.params.temperature,
             usage=Usage(0, u.generated_tokens, u.self_eval_tokens, u.wall_time_s),
         )
+
+
+_CANCELLED_KEPT = 4096
+"""Recently cancelled request ids remembered, so that a late submit for one fails."""

@@ -52,6 +52,7 @@ from langchain_capeval.chat_models import ChatCapEval
 from langchain_capeval.config import CapEvalConfig
 from langchain_capeval.engines.base import Engine
 from langchain_capeval.errors import (
+    BudgetTooSmallError,
     CapEvalInputError,
     InvalidMessagesError,
     PromptTooLongError,
@@ -59,7 +60,14 @@ from langchain_capeval.errors import (
     UnsupportedFeatureError,
 )
 from langchain_capeval.server.cancel import CancellableEngine
-from langchain_capeval.server.chat import chat_chunks, chat_response, check_prompt_fits, request_policy, to_langchain
+from langchain_capeval.server.chat import (
+    chat_chunks,
+    chat_response,
+    check_budget_fits,
+    check_prompt_fits,
+    request_policy,
+    to_langchain,
+)
 from langchain_capeval.server.completions import (
     CompletionRun,
     CompletionStep,
@@ -83,8 +91,6 @@ class ServerConfig(BaseModel):
     """The name clients pass as ``model``; ``None``: the engine's model name."""
     max_body_bytes: int = Field(default=4 * 2**20, ge=1024)
     """Largest request body accepted; a bigger one gets HTTP 413."""
-    cancel_step_tokens: int = Field(default=8, ge=1)
-    """Tokens decoded between two checks for a disconnected client."""
 
 
 @dataclass
@@ -105,6 +111,8 @@ def api_error(exc: BaseException) -> APIError:
         return APIError(400, str(exc), code="context_length_exceeded")
     if isinstance(exc, InvalidMessagesError):
         return APIError(400, str(exc), param="messages")
+    if isinstance(exc, BudgetTooSmallError):
+        return APIError(400, str(exc), param="capeval.max_total_tokens")
     if isinstance(exc, CapEvalInputError):
         return APIError(400, str(exc))
     if isinstance(exc, UnsupportedFeatureError):
@@ -141,7 +149,7 @@ class CapEvalServer:
         with self._lock:
             self.stats.requests += 1
             self.stats.in_flight += 1
-        return CancellableEngine(self.engine, step_tokens=self.config.cancel_step_tokens)
+        return CancellableEngine(self.engine)
 
     def end(self, view: CancellableEngine, *, complete: bool) -> None:
         """Free whatever the request still holds in the engine (blocking: call from a worker thread)."""
@@ -202,7 +210,7 @@ class EventStream(StreamingResponse):
         async def watched_receive() -> Message:
             message = await receive()
             if message["type"] == "http.disconnect":
-                self._view.cancel()
+                self._view.cancel_all()
             return message
 
         try:
@@ -256,7 +264,7 @@ async def run_watched(request: Request, view: CancellableEngine, work: Callable[
     async def watch() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
-        view.cancel()
+        view.cancel_all()
 
     watcher = asyncio.ensure_future(watch())
     try:
@@ -344,6 +352,7 @@ def create_app(
         policy = request_policy(server.policy, body)
         messages = body.chat_messages()
         stop = list(body.stop_strings()) or None
+        check_budget_fits(server.engine, policy)
         await run_in_threadpool(check_prompt_fits, server.engine, messages, policy)  # validates the messages
         lc_messages = to_langchain(messages)
         view = server.begin()

@@ -2,17 +2,15 @@
 
 The server wraps the engine once per HTTP request in a :class:`CancellableEngine`. It
 records the engine requests started through it, so that when the client disconnects
-the server can :meth:`~CancellableEngine.cancel` it: the next engine call of that HTTP
-request raises :class:`~langchain_capeval.errors.RequestCancelledError` (the graph
-stops), and :meth:`~CancellableEngine.close_all` frees every row it still holds. Long
-decodes run in chunks of ``step_tokens`` so that a cancel takes effect within a few
-tokens; a row's tokens do not depend on how its decode is chunked (the engine pauses
-and resumes rows exactly).
+the server can :meth:`~CancellableEngine.cancel_all` it: the engine frees its rows
+before the next decode step, the engine call the HTTP request is waiting in raises
+:class:`~langchain_capeval.errors.RequestCancelledError` (the graph stops), and so does
+any later one; :meth:`~CancellableEngine.close_all` frees whatever is left.
 
 Example:
     >>> view = CancellableEngine(engine)  # doctest: +SKIP
     >>> rows = view.submit(prompt_ids, [SamplingParams()])  # doctest: +SKIP
-    >>> view.cancel(); view.close_all()  # the client went away: free its rows  # doctest: +SKIP
+    >>> view.cancel_all(); view.close_all()  # the client went away: free its rows  # doctest: +SKIP
 
 """
 
@@ -20,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -38,13 +35,11 @@ class CancellableEngine:
 
     Args:
         engine: The shared engine.
-        step_tokens: Most tokens decoded per engine call, so that a cancel is seen soon.
 
     """
 
-    def __init__(self, engine: Engine, *, step_tokens: int = 8) -> None:
+    def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._step = step_tokens
         self._cancelled = threading.Event()
         self._requests: set[str] = set()
         self._guard = threading.Lock()
@@ -56,9 +51,17 @@ class CancellableEngine:
         """Whether :meth:`cancel` was called."""
         return self._cancelled.is_set()
 
-    def cancel(self) -> None:
-        """Make every later engine call raise :class:`RequestCancelledError` (cheap; any thread)."""
+    def cancel_all(self) -> None:
+        """Cancel every engine request started through this view; later calls raise :class:`RequestCancelledError`.
+
+        Safe from any thread: the engine frees the requests' rows before its next
+        decode step, and a ``generate`` waiting on them raises at once.
+        """
         self._cancelled.set()
+        with self._guard:
+            started = list(self._requests)
+        for request_id in started:
+            self._engine.cancel(request_id)
 
     def close_all(self) -> None:
         """Close every engine request started through this view that is still open."""
@@ -102,20 +105,9 @@ class CancellableEngine:
     def generate(
         self, rows: Sequence[RowId], *, until: int | None = None, deadline: float | None = None
     ) -> list[Sample]:
-        """Decode like the engine, in chunks of at most ``step_tokens``, checking for a cancel between chunks."""
+        """The engine's decode; a cancel from another thread makes it raise at the engine's next step."""
         self._check()
-        snaps = [self._engine.sample(r) for r in rows]
-        while True:
-            todo = [s for s in snaps if not s.finished and (until is None or s.num_tokens < until)]
-            if not todo:
-                return snaps
-            step_until = min(s.num_tokens for s in todo) + self._step
-            snaps = self._engine.generate(
-                rows, until=step_until if until is None else min(until, step_until), deadline=deadline
-            )
-            if deadline is not None and time.monotonic() >= deadline:
-                return snaps
-            self._check()
+        return self._engine.generate(rows, until=until, deadline=deadline)
 
     def self_evaluate(self, rows: Sequence[RowId]) -> list[SelfEvaluation]:
         """The engine's self-evaluation."""
@@ -140,3 +132,7 @@ class CancellableEngine:
         with self._guard:
             self._requests.discard(request_id)
         return self._engine.close_request(request_id)
+
+    def cancel(self, request_id: str) -> None:
+        """Cancel one engine request (the :class:`Engine` protocol's ``cancel``)."""
+        self._engine.cancel(request_id)

@@ -28,7 +28,8 @@ from pydantic import ValidationError
 
 from langchain_capeval.config import CapEvalConfig
 from langchain_capeval.engines.base import Engine
-from langchain_capeval.errors import PromptTooLongError
+from langchain_capeval.errors import BudgetTooSmallError, PromptTooLongError
+from langchain_capeval.policy import plan_next_batch
 from langchain_capeval.server.protocol import APIError, ChatCompletionRequest
 
 
@@ -92,6 +93,19 @@ def check_prompt_fits(engine: Engine, messages: list[dict[str, str]], policy: Ca
     if len(prompt) + policy.max_new_tokens > budget:
         raise PromptTooLongError(len(prompt), policy.max_new_tokens, budget)
     return len(prompt)
+
+
+def check_budget_fits(engine: Engine, policy: CapEvalConfig) -> None:
+    """Check that the token budget fits at least one sample of one token and its self-evaluation.
+
+    Raises:
+        BudgetTooSmallError: ``max_total_tokens`` is too small for any sample to be drawn.
+
+    """
+    eval_tokens = len(engine.chat_format.self_evaluation_suffix) + 1  # as the graph counts one self-evaluation
+    first = plan_next_batch(policy, batches_drawn=0, samples_drawn=0, tokens_spent=0, eval_tokens=eval_tokens)
+    if first is None and policy.max_total_tokens is not None:
+        raise BudgetTooSmallError(policy.max_total_tokens, 1 + eval_tokens)
 
 
 def to_langchain(messages: list[dict[str, str]]) -> list[BaseMessage]:

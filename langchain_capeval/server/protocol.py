@@ -18,15 +18,31 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from langchain_capeval.chat_format import lone_surrogate_at
 from langchain_capeval.sampling import SamplingParams
 
 MAX_TOP_LOGPROBS = 20
 """Most alternatives per token that ``/v1/completions`` returns (as OpenAI and vLLM)."""
 
+MAX_SEED = 2**63 - 1
+"""Largest ``seed`` accepted (a signed 64-bit integer, as OpenAI's API); larger ones cannot seed a generator."""
+
 
 def error_body(message: str, type_: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    """An OpenAI-shaped error body."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    r"""An OpenAI-shaped error body (text from the request that is not valid Unicode is written escaped).
+
+    Example:
+        >>> error_body("unknown field", "invalid_request_error", param="capeval.x\ud800")["error"]["param"]
+        'capeval.x\\ud800'
+
+    """
+    param = None if param is None else utf8_safe(param)
+    return {"error": {"message": utf8_safe(message), "type": type_, "param": param, "code": code}}
+
+
+def utf8_safe(text: str) -> str:
+    r"""``text`` with each lone surrogate (which UTF-8 cannot encode) written as a ``\udXXX`` escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class APIError(Exception):
@@ -77,7 +93,7 @@ class _Common(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -149,8 +165,10 @@ class ChatCompletionRequest(_Common):
     def check(self) -> None:
         """Reject the fields this server cannot honour."""
         self.check_common()
-        if self.tools or self.functions:
+        if self.tools:
             raise unsupported("tools", "tool calling is not supported by ChatCapEval")
+        if self.functions:
+            raise unsupported("functions", "function calling is not supported by ChatCapEval")
         if self.tool_choice not in (None, "none"):
             raise unsupported("tool_choice", "tool calling is not supported by ChatCapEval")
         if self.logprobs:
@@ -218,4 +236,9 @@ class CompletionRequest(_Common):
             p = p[0]
         if not p:
             raise APIError(400, "prompt: the prompt is empty", param="prompt")
+        bad = lone_surrogate_at(p) if isinstance(p, str) else None
+        if bad is not None:
+            raise APIError(
+                400, f"prompt: the text is not valid Unicode: a lone surrogate at position {bad}", param="prompt"
+            )
         return p
