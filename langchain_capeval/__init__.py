@@ -22,7 +22,7 @@ from langchain_capeval.sampling import SamplingParams
 if TYPE_CHECKING:
     from langchain_capeval.chat_models import ChatCapEval
     from langchain_capeval.config import CapEvalConfig
-    from langchain_capeval.engines import Engine, TransformersEngine, load_engine
+    from langchain_capeval.engines import Engine, TransformersEngine, VLLMEngine, VLLMEngineConfig, load_engine
     from langchain_capeval.graph import build_graph
 
 __version__ = "0.1.0"
@@ -33,6 +33,8 @@ _LAZY = {
     "build_graph": "langchain_capeval.graph",
     "Engine": "langchain_capeval.engines",
     "TransformersEngine": "langchain_capeval.engines",
+    "VLLMEngine": "langchain_capeval.engines",
+    "VLLMEngineConfig": "langchain_capeval.engines",
     "load_engine": "langchain_capeval.engines",
 }
 
@@ -50,6 +52,8 @@ __all__ = [
     "Engine",
     "SamplingParams",
     "TransformersEngine",
+    "VLLMEngine",
+    "VLLMEngineConfig",
     "__version__",
     "build_graph",
     "load_engine",

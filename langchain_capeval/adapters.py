@@ -29,6 +29,30 @@ def default_adapter_path() -> Path | None:
     return _SHIPPED if (_SHIPPED / "adapter_config.json").is_file() else None
 
 
+def resolve_adapter(model: str | None, adapter: str | None) -> Path | None:
+    """The adapter folder an engine applies: ``"default"`` is the shipped one, for the embedded default model only.
+
+    Raises:
+        ModelNotInstalledError: ``adapter`` names a folder without ``adapter_config.json``.
+
+    Example:
+        >>> resolve_adapter("/models/llama", "default") is None  # no shipped adapter for other models
+        True
+
+    """
+    from langchain_capeval.models import DEFAULT_MODEL
+
+    if adapter is None:
+        return None
+    if adapter == "default":
+        shipped = default_adapter_path()
+        return shipped if model in (None, DEFAULT_MODEL) and shipped is not None else None
+    path = Path(adapter).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise ModelNotInstalledError(f"adapter {adapter!r} is not a folder holding adapter_config.json")
+    return path
+
+
 def apply_adapter(model: PreTrainedModel, adapter: str | os.PathLike[str]) -> PreTrainedModel:
     """Apply a PEFT LoRA adapter from a local folder, merged into the weights for speed.
 

@@ -129,6 +129,22 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         raise
 
 
+def ensure_model_folder(model: str | os.PathLike[str] | None) -> tuple[Path, bool]:
+    """The local Hugging Face folder of ``model``, converting a ``.gguf`` once; and whether it was already there.
+
+    Every engine loads from this folder (the transformers engine, and vLLM for the embedded default).
+
+    Raises:
+        ModelNotInstalledError: The model is not on this machine.
+
+    """
+    folder, gguf = resolve_model_path(model)
+    if gguf is not None and not (folder / "config.json").is_file():
+        _convert_gguf(gguf, folder)
+        return folder, False
+    return folder, True
+
+
 def resolve_model_path(model: str | os.PathLike[str] | None) -> tuple[Path, Path | None]:
     """Return (folder to load, GGUF source if the folder is a converted copy).
 
@@ -174,11 +190,8 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
-    folder, gguf = resolve_model_path(model)
-    from_cache = True
-    if gguf is not None and not (folder / "config.json").is_file():
-        from_cache = False
-        _convert_gguf(gguf, folder)
+    _, gguf = resolve_model_path(model)
+    folder, from_cache = ensure_model_folder(model)
     torch_dtype: Any = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     tokenizer = AutoTokenizer.from_pretrained(folder)
     lm: PreTrainedModel = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
