@@ -4,6 +4,7 @@ Commands:
     capeval chat "What is 3 + 4?"      answer with ChatCapEval, print the compute spent
     capeval convert                     convert (and cache) the embedded default model; report load times
     capeval draw-graph                  draw the graph offline: docs/graph.mmd and docs/graph.png
+    capeval bench                       accuracy vs samples/tokens: adaptive sampling, pruning, baselines
 
 Example:
     $ capeval chat "What is the capital of France?" --strategy adaptive --max-samples 8
@@ -141,6 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from langchain_capeval.server.cli import add_serve_command  # capeval serve
 
     add_serve_command(sub)
+    from langchain_capeval.bench.cli import add_bench_command  # capeval bench
+
+    add_bench_command(sub)
 
     draw = sub.add_parser("draw-graph", help="draw the adaptive-compute graph offline (Mermaid text and PNG)")
     draw.add_argument("--mermaid", default="docs/graph.mmd")
