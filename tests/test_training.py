@@ -335,3 +335,42 @@ def test_configs_validate() -> None:
         SelfEvalEvalConfig(heldout_family="add1")
     with pytest.raises(ValueError, match="extra"):
         SelfEvalTrainingConfig(lr=1.0)  # type: ignore[call-arg]
+
+
+# -- the shipped adapter --------------------------------------------------------------------------
+
+
+def test_shipped_adapter_is_a_vllm_valid_lora_and_loads_by_default(engine: TransformersEngine) -> None:
+    """The adapter in the package is a plain PEFT LoRA, ``adapter="default"`` loads it, and it moved P(No).
+
+    Trained on win-or-tie targets whose mean is 0.84 (its data card), the adapter lifts P(win or tie) from the
+    base model's zero-shot ~0.5 towards that base rate on the trained families' kind of question.
+    """
+    from langchain_capeval.adapters import default_adapter_path, resolve_adapter
+    from langchain_capeval.engines.transformers import TransformersEngineConfig
+
+    shipped = default_adapter_path()
+    assert shipped is not None, "no adapter ships in langchain_capeval/data/adapters/"
+    cfg = json.loads((shipped / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 16 and not cfg.get("modules_to_save")
+    assert set(cfg["target_modules"]) <= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert (shipped / "adapter_model.safetensors").stat().st_size < 25 * 2**20
+    assert resolve_adapter(None, "default") == shipped
+
+    adapted = TransformersEngine.from_config(TransformersEngineConfig(adapter="default"))
+    try:
+        assert adapted.model_name.endswith("+selfeval")
+        questions = ["What is the capital of Spain?", "What is 4 + 3?", "What is the opposite of \"up\"?"]
+        means = []
+        for e in (engine, adapted):
+            scores = []
+            for q in questions:
+                rows = e.submit(e.chat_format.encode([{"role": "user", "content": q}]), [SamplingParams(seed=1)])
+                e.generate(rows, until=12)
+                scores.append(e.self_evaluate(rows)[0].p_win_or_tie)
+                e.close_request(e.sample(rows[0]).request_id)
+            means.append(sum(scores) / len(scores))
+        base_mean, adapted_mean = means
+        assert abs(adapted_mean - 0.84) < abs(base_mean - 0.84), means
+    finally:
+        adapted.close()
