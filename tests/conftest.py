@@ -9,7 +9,10 @@ so that later tests start from a clean engine.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+import torch
 
 from langchain_capeval.chat_format import ChatFormat
 from langchain_capeval.chat_models import shared_engine
@@ -28,3 +31,16 @@ def engine() -> TransformersEngine:
 def chat_format(engine: TransformersEngine) -> ChatFormat:
     """The engine's chat format (the model's own chat template)."""
     return engine.chat_format
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Decode on one CPU thread in a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``).
+
+    Modules that run a server or many short decodes use it: on a shared, oversubscribed CPU two OpenMP
+    threads run many times slower than one.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -50,7 +50,6 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-import torch
 from hypothesis import HealthCheck, Phase, example, given, note, settings
 from hypothesis import strategies as st
 from langchain_core.messages import (
@@ -93,13 +92,7 @@ OUTCOMES: dict[str, Counter[str]] = {}
 """How the cases of each area ended (answers, error types, HTTP statuses), printed with the counts."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Decode on one CPU thread: the machine is shared, and two OpenMP threads there run many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def fuzz(n: int) -> settings:

@@ -22,7 +22,6 @@ from typing import Any
 
 import httpx
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 
@@ -50,13 +49,7 @@ QUESTION = [{"role": "user", "content": "What is 2 + 3?"}]
 COUNTING = [{"role": "user", "content": "Count from 1 to 100, separated by commas."}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Decode on one CPU thread here: on a shared, oversubscribed CPU two OpenMP threads run many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from typing import Any
 
 import httpx
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
@@ -34,13 +33,7 @@ MAX_BODY = 64 * 1024
 COUNTING = "Count from 1 to 100, separated by commas."  # greedy SmolLM2 keeps counting well past 64 tokens
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Decode on one CPU thread here: on a shared, oversubscribed CPU two OpenMP threads run many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

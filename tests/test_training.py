@@ -360,7 +360,7 @@ def test_shipped_adapter_is_a_vllm_valid_lora_and_loads_by_default(engine: Trans
     adapted = TransformersEngine.from_config(TransformersEngineConfig(adapter="default"))
     try:
         assert adapted.model_name.endswith("+selfeval")
-        questions = ["What is the capital of Spain?", "What is 4 + 3?", "What is the opposite of \"up\"?"]
+        questions = ["What is the capital of Spain?", "What is 4 + 3?", 'What is the opposite of "up"?']
         means = []
         for e in (engine, adapted):
             scores = []
