@@ -16,7 +16,7 @@ from langchain_capeval.errors import InvalidMessagesError, UnsupportedFeatureErr
 
 @pytest.fixture
 def llm(engine: Any) -> ChatCapEval:
-    return ChatCapEval(engine=engine, max_new_tokens=24, seed=5)
+    return ChatCapEval(engine=engine, max_new_tokens=24, max_samples=4, seed=5)
 
 
 def test_invoke_reports_the_accepted_sample_and_all_the_compute(llm: ChatCapEval) -> None:
@@ -73,7 +73,7 @@ def test_per_call_overrides_bind_and_configurable(llm: ChatCapEval) -> None:
     assert bound.invoke("Hi").response_metadata["samples_used"] == 2
     configured = llm.with_config(configurable={"accept_threshold": 1.0, "max_samples": 3})
     assert configured.invoke("Hi").response_metadata["samples_used"] == 3
-    assert llm.policy.max_samples == 16, "per-call overrides never change the model's own policy"
+    assert llm.policy.max_samples == 4, "per-call overrides never change the model's own policy"
     with pytest.raises(ValidationError, match="max_samples"):
         llm.invoke("Hi", max_samples=0)
 
