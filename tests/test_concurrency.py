@@ -68,6 +68,33 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
 # -- the scheduler alone (no model) ------------------------------------------------------------
 
 
+def test_batched_commands_share_one_handler_call_and_fail_alone() -> None:
+    calls: list[list[int]] = []
+    gate = threading.Event()
+
+    def step(calls_: list[DecodeCall]) -> None:
+        gate.wait(5)  # hold the worker in a step while the items queue up
+        for c in calls_:
+            c.finish(None)
+
+    def handler(items: list[int]) -> list[Any]:
+        calls.append(items)
+        return [ValueError(f"bad {i}") if i < 0 else i * 10 for i in items]
+
+    sched = StepScheduler(step, name="test-batched")
+    with ThreadPoolExecutor(5) as pool:
+        blocker = pool.submit(sched.decode, DecodeCall(rows=[0]))
+        wait_for(lambda: sched.steps == 1)
+        futures = [pool.submit(sched.run_batched, handler, i) for i in (1, 2, -3, 4)]
+        wait_for(lambda: len(sched._batched) == 4)
+        gate.set()
+        blocker.result(5)
+        assert [f.result(5) for f in futures if not f.exception(5)] == [10, 20, 40]
+        assert "bad -3" in str(futures[2].exception(5))
+    assert calls == [[1, 2, -3, 4]]  # one handler call served the four callers
+    sched.close()
+
+
 def test_scheduler_runs_commands_in_order_and_fails_only_the_failing_call() -> None:
     seen: list[int] = []
 
@@ -103,11 +130,13 @@ def test_concurrent_generate_calls_share_decode_steps_and_never_cross(
 
     before = engine.scheduler.steps
     engine.scheduler.max_calls_per_step = 0
+    engine.scheduler.max_batched_items = 0
     together = in_threads([lambda p=p, i=i: run_alone(engine, p, 100 + i, 16) for i, p in enumerate(prompts)])
     steps_together = engine.scheduler.steps - before
 
     assert together == alone  # same seed, same tokens: nothing crossed between requests
     assert engine.scheduler.max_calls_per_step >= 4  # rows of several requests shared a forward pass
+    assert engine.scheduler.max_batched_items >= 2  # and so did prefills of several requests
     assert steps_together < steps_alone / 2  # 8 requests of <= 15 decode steps each, mostly in common steps
     assert engine.live_rows == 0
 

@@ -359,8 +359,8 @@ def expect_for_messages(value: object) -> Expect:
             loose.append(f"messages[{i}]")
     if messages[-1].type != "human":
         problems.append(f"messages[{len(messages) - 1}]")
-    if problems:
-        return Expect(errors=(InvalidMessagesError,), names=tuple(problems))
+    if problems:  # the first offending message is named, whichever check finds it first
+        return Expect(errors=(InvalidMessagesError,), names=tuple(problems + loose))
     # a text part whose "text" is no string is rejected (test_non_string_text_part_is_a_typed_error)
     if loose:
         return Expect(errors=(InvalidMessagesError,), names=tuple(loose))

@@ -16,11 +16,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from langchain_capeval import ChatCapEval
 from langchain_capeval.engines.transformers import TransformersEngine
+from langchain_capeval.errors import BudgetTooSmallError
 
 PROMPT = "What is 4 + 5?"
 LONG = "Write a long story about a dragon and a knight."
@@ -51,6 +53,12 @@ def policies(draw: st.DrawFn) -> dict[str, Any]:
 @settings(max_examples=25, deadline=None, suppress_health_check=FIXTURE)
 @given(policy=policies())
 def test_samples_and_tokens_never_exceed_the_budget(engine: TransformersEngine, policy: dict[str, Any]) -> None:
+    floor = 1 + len(engine.chat_format.self_evaluation_suffix) + 1  # one token and its self-evaluation
+    if policy["max_total_tokens"] is not None and policy["max_total_tokens"] < floor:
+        with pytest.raises(BudgetTooSmallError, match="max_total_tokens"):
+            ChatCapEval(engine=engine, **policy).invoke(PROMPT)
+        assert engine.live_rows == 0
+        return
     msg = ChatCapEval(engine=engine, **policy).invoke(PROMPT)
     meta = msg.response_metadata
     compute = meta["compute"]

@@ -5,9 +5,12 @@ model and the engine's row state. Callers on any thread (the LangGraph nodes of
 concurrent ``ChatCapEval`` calls, asyncio executors, server workers) hand it two
 kinds of work:
 
-* **commands** (:meth:`StepScheduler.run`): submit, self-evaluate, release,
-  cancel, snapshots. They run in arrival order on the worker, *between* decode
-  steps, so a release or a cancel takes effect before the next step;
+* **commands** (:meth:`StepScheduler.run`): release, cancel, snapshots. They run
+  in arrival order on the worker, *between* decode steps, so a release or a
+  cancel takes effect before the next step;
+* **batched commands** (:meth:`StepScheduler.run_batched`): the items queued for
+  one handler since the last step are handed to it together, so the prefills
+  and the self-evaluations of concurrent requests share forward passes too;
 * **decode calls** (:meth:`StepScheduler.decode`): "decode these rows until
   each is finished or has ``until`` tokens". Every pending call joins the next
   step: the engine's ``step`` function decodes the union of their rows in one
@@ -96,6 +99,7 @@ class StepScheduler:
         max_calls_per_step: The most decode calls one step has served (> 1 means rows of
             concurrent calls shared a forward pass).
         max_step_s: The longest decode step, in seconds (reset it to measure a window).
+        max_batched_items: The most items one :meth:`run_batched` handler call has served.
 
     """
 
@@ -104,12 +108,14 @@ class StepScheduler:
         self._name = name
         self._cond = threading.Condition()
         self._commands: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        self._batched: deque[tuple[Callable[[list[Any]], list[Any]], Any, Future[Any]]] = deque()
         self._calls: list[DecodeCall] = []
         self._thread: threading.Thread | None = None
         self._closed = False
         self.steps = 0
         self.max_calls_per_step = 0
         self.max_step_s = 0.0
+        self.max_batched_items = 0
 
     # -- callers' side --------------------------------------------------------------------------
 
@@ -125,6 +131,22 @@ class StepScheduler:
         with self._cond:
             self._ensure_open()
             self._commands.append((command, future))
+            self._cond.notify()
+        return future.result()
+
+    def run_batched(self, handler: Callable[[list[Any]], list[Any]], item: Any) -> Any:
+        """Run ``handler`` on the worker over ``item`` and every item queued for the same handler meanwhile.
+
+        ``handler`` gets the items in arrival order and returns one result per item, in order; a result that
+        is an exception is raised in that item's caller only. Concurrent requests' prefills and
+        self-evaluations are batched this way, as their decode steps are.
+        """
+        if self.on_worker():
+            return _unwrap(handler([item])[0])
+        future: Future[Any] = Future()
+        with self._cond:
+            self._ensure_open()
+            self._batched.append((handler, item, future))
             self._cond.notify()
         return future.result()
 
@@ -164,18 +186,21 @@ class StepScheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not (self._commands or self._calls or self._closed):
+                while not (self._commands or self._batched or self._calls or self._closed):
                     self._cond.wait()
-                if self._closed and not self._commands and not self._calls:
+                if self._closed and not self._commands and not self._batched and not self._calls:
                     return
                 commands = list(self._commands)
                 self._commands.clear()
+                batched = list(self._batched)
+                self._batched.clear()
             for command, future in commands:
                 if future.set_running_or_notify_cancel():
                     try:
                         future.set_result(command())
                     except BaseException as e:  # re-raised in the caller's thread
                         future.set_exception(e)
+            self._run_batches(batched)
             with self._cond:
                 self._calls = [c for c in self._calls if not c.done]
                 calls = list(self._calls)
@@ -190,6 +215,29 @@ class StepScheduler:
                 for c in calls:
                     c.fail(e)
             self.max_step_s = max(self.max_step_s, time.perf_counter() - start)
+
+    def _run_batches(self, batched: list[tuple[Callable[[list[Any]], list[Any]], Any, Future[Any]]]) -> None:
+        groups: dict[Callable[[list[Any]], list[Any]], list[tuple[Any, Future[Any]]]] = {}
+        for handler, item, future in batched:
+            if future.set_running_or_notify_cancel():
+                groups.setdefault(handler, []).append((item, future))
+        for handler, entries in groups.items():
+            self.max_batched_items = max(self.max_batched_items, len(entries))
+            try:
+                results = handler([item for item, _ in entries])
+            except BaseException as e:  # the whole batch failed: every caller gets the error
+                results = [e] * len(entries)
+            for (_, future), result in zip(entries, results, strict=True):
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+
+def _unwrap(result: Any) -> Any:
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 __all__ = ["DecodeCall", "StepScheduler"]

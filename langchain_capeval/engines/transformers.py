@@ -36,7 +36,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -46,7 +46,13 @@ from langchain_capeval.engines.base import FinishReason, RowId, Sample, SelfEval
 from langchain_capeval.engines.decoding import answer_probabilities, sample_next_tokens, win_or_tie_probability
 from langchain_capeval.engines.kv_batch import KVBatch
 from langchain_capeval.engines.scheduler import DecodeCall, StepScheduler
-from langchain_capeval.errors import InvalidSamplingError, PromptTooLongError, RequestCancelledError, UnknownRowError
+from langchain_capeval.errors import (
+    CapEvalError,
+    InvalidSamplingError,
+    PromptTooLongError,
+    RequestCancelledError,
+    UnknownRowError,
+)
 from langchain_capeval.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -186,7 +192,22 @@ class TransformersEngine:
         budget = self.context_length - self._suffix_room
         if len(prompt) + longest > budget:
             raise PromptTooLongError(len(prompt), longest, budget)
-        return self.scheduler.run(lambda: self._submit(prompt, params, longest, request_id or uuid.uuid4().hex))
+        item = (prompt, list(params), longest, request_id or uuid.uuid4().hex)
+        result: list[RowId] = self.scheduler.run_batched(self._submit_batch, item)
+        return result
+
+    def _submit_batch(self, items: list[tuple[list[int], list[SamplingParams], int, str]]) -> list[Any]:
+        """Submit several requests' rows at once: the new prompts are prefilled together in one padded batch."""
+        new = {rid: prompt for prompt, _, _, rid in items if rid not in self._requests and rid not in self._cancelled}
+        if len(new) > 1:
+            self._prefill_many(new)
+        results: list[Any] = []
+        for prompt, params, longest, rid in items:
+            try:
+                results.append(self._submit(prompt, params, longest, rid))
+            except CapEvalError as e:
+                results.append(e)
+        return results
 
     def _submit(
         self, prompt: list[int], params: Sequence[SamplingParams], longest: int, request_id: str
@@ -211,6 +232,24 @@ class TransformersEngine:
         self._append(rows, first)
         self._charge(rows, time.perf_counter() - start)
         return ids
+
+    def _prefill_many(self, prompts: dict[str, list[int]]) -> None:
+        """Prefill several requests' prompts in one left-padded forward pass; each keeps a one-row cache."""
+        start = time.perf_counter()
+        width = max(len(p) for p in prompts.values())
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+        for i, p in enumerate(prompts.values()):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = True
+        batch = KVBatch.empty(self.model, rows=[-1] * len(prompts), capacity=width)
+        logits = batch.forward(self.model, ids.to(self._device), mask.to(self._device))
+        share = (time.perf_counter() - start) / len(prompts)
+        for i, (request_id, prompt) in enumerate(prompts.items()):
+            req = _Request(prompt, batch.select([i]), logits[i : i + 1])
+            req.usage.prompt_tokens = len(prompt)
+            req.usage.wall_time_s += share
+            self._requests[request_id] = req
 
     def _prefill(self, request_id: str, prompt: list[int]) -> _Request:
         """Prefill the prompt once into a one-row cache."""
@@ -278,7 +317,23 @@ class TransformersEngine:
         One forward pass over the pending token plus the self-evaluation turn; the
         cache is rolled back afterwards.
         """
-        return self.scheduler.run(lambda: self._self_evaluate(rows))
+        result: list[SelfEvaluation] = self.scheduler.run_batched(self._self_evaluate_batch, list(rows))
+        return result
+
+    def _self_evaluate_batch(self, items: list[list[RowId]]) -> list[Any]:
+        """Self-evaluate several callers' rows in one forward pass; a caller with an unknown row gets the error."""
+        results: list[Any] = []
+        rows: dict[RowId, None] = {}
+        for item in items:
+            try:
+                self._lookup(item)
+            except UnknownRowError as e:
+                results.append(e)
+                continue
+            rows.update(dict.fromkeys(item))
+            results.append(None)
+        scores = {e.row: e for e in self._self_evaluate(list(rows))} if rows else {}
+        return [r if r is not None else [scores[row] for row in item] for r, item in zip(results, items, strict=True)]
 
     def _self_evaluate(self, rows: Sequence[RowId]) -> list[SelfEvaluation]:
         live = self._lookup(rows)
