@@ -6,7 +6,8 @@ capability-aware. It is a plain PEFT LoRA adapter (``adapter_config.json`` +
 
 Example:
     >>> from langchain_capeval.adapters import default_adapter_path
-    >>> default_adapter_path()  # None until an adapter ships  # doctest: +SKIP
+    >>> default_adapter_path().name  # the adapter shipped for SmolLM2-135M-Instruct
+    'smollm2-135m-selfeval'
 
 """
 

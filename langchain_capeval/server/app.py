@@ -13,11 +13,11 @@ Errors answer with OpenAI's JSON shape and a proper status: 400 for a malformed 
 body (422 validation errors included) and for a prompt that does not fit the context
 (``code: context_length_exceeded``), 404 for an unknown model or path, 413 for a body over
 ``max_body_bytes``, 500 for a bug; the server keeps serving. When a client disconnects, its
-request is cancelled within a few decoded tokens and its engine rows are freed.
+request is cancelled (``Engine.cancel``): its engine rows are freed before the next decode step.
 
-Concurrency: blocking engine work runs in a thread pool, and the engine serialises its
-methods on one lock, so concurrent requests interleave call by call; there is no batching
-across requests until the scheduler of issue #8.
+Concurrency: blocking engine work runs in a thread pool; the transformers engine's step
+scheduler batches the rows (and the prefills and self-evaluations) of concurrent requests
+into shared forward passes.
 
 Example:
     >>> from langchain_capeval.server import create_app  # doctest: +SKIP
