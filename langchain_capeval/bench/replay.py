@@ -47,7 +47,14 @@ from langchain_capeval.bench.baselines import EXTRACTABLE_KINDS
 from langchain_capeval.bench.config import BenchConfig
 from langchain_capeval.bench.records import Outcome, PoolSample, PromptPool
 from langchain_capeval.config import CapEvalConfig
-from langchain_capeval.graph import CapEvalState, SampleRecord, route_after_self_evaluation, stop_reason
+from langchain_capeval.graph import (  # the graph's own helpers: the replay must see state as the graph does
+    CapEvalState,
+    SampleRecord,
+    _active,
+    _tokens_spent,
+    route_after_self_evaluation,
+    stop_reason,
+)
 from langchain_capeval.policy import best_of_n, plan_next_batch, prune_survivors
 
 # -- the graph's policies -----------------------------------------------------------------------
@@ -130,10 +137,6 @@ def _advance(
     return _record(**{**record, **done}), None
 
 
-def _active(state: CapEvalState) -> list[SampleRecord]:
-    return [s for s in state.get("samples", []) if not s["finished"] and not s["pruned"]]
-
-
 def _merge(state: CapEvalState, records: Sequence[SampleRecord]) -> list[SampleRecord]:
     """The graph's ``merge_samples`` reducer: records replace those with their index, new ones are appended."""
     by_index = {s["index"]: s for s in state.get("samples", [])}
@@ -162,7 +165,7 @@ def _generate(
             policy,
             batches_drawn=state["batches_drawn"],
             samples_drawn=drawn,
-            tokens_spent=int(usage["generated_tokens"] + usage["self_eval_tokens"]),
+            tokens_spent=_tokens_spent(state),
             eval_tokens=eval_tokens,
         )
         assert plan is not None, "the router only resamples when a batch fits the budget"
