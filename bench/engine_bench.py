@@ -64,6 +64,14 @@ def parse_args() -> argparse.Namespace:
         help="what is timed: wall-clock seconds, or the process's CPU seconds (with --threads 1, insensitive "
         "to other processes sharing the cores)",
     )
+    parser.add_argument(
+        "--adapter", default="none", help="self-evaluation adapter: 'none' (the base model), 'default', or a folder"
+    )
+    parser.add_argument(
+        "--no-cache-merged",
+        action="store_true",
+        help="merge the adapter in memory at load instead of loading the merge saved in the cache folder",
+    )
     parser.add_argument("--prompt", default=PROMPT, help="user message that makes long answers")
     parser.add_argument("--out", default="results/engine_bench.json", help="where to write the JSON results")
     return parser.parse_args()
@@ -200,7 +208,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
-    engine = TransformersEngine.from_config(TransformersEngineConfig(adapter=None))
+    adapter = None if args.adapter == "none" else args.adapter
+    engine = TransformersEngine.from_config(
+        TransformersEngineConfig(adapter=adapter, cache_merged=not args.no_cache_merged)
+    )
     prompt = engine.chat_format.encode([{"role": "user", "content": args.prompt}])
 
     seeds = screen_seeds(engine, prompt, args)  # doubles as the engine's warm-up
@@ -266,7 +277,11 @@ def main() -> None:
         ),
     ]
     load_after = os.getloadavg()
+    loaded_from = engine.load_report.path if engine.load_report else "memory"
+    if args.adapter != "none" and args.no_cache_merged:
+        loaded_from += " + adapter merged in memory"
     print(
+        f"{engine.model_name} (loaded from {loaded_from}); "
         f"batch {args.batch}, {args.new_tokens} new tokens, T={args.temperature}, top-p 1.0; {args.clock} seconds, "
         f"best of {args.repeats} after a warm-up; torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
         f"load avg {load_before[0]:.1f} -> {load_after[0]:.1f}"
@@ -282,6 +297,8 @@ def main() -> None:
         del r["token_ids"]
     report = {
         "settings": vars(args) | {"seeds": seeds, "prompt_tokens": len(prompt)},
+        "model": engine.model_name,
+        "loaded_from": loaded_from,
         "summary": summary,
         "best": {
             "engine_generate_s": gen_s,

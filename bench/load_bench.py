@@ -70,12 +70,19 @@ def parse_args() -> argparse.Namespace:
     for p in (t, s):
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
         p.add_argument("--adapter", default="default", help="self-evaluation adapter ('default', a path, 'none')")
+        p.add_argument(
+            "--no-cache-merged",
+            action="store_true",
+            help="merge the adapter in memory at load instead of loading the merge saved in the cache folder",
+        )
     return parser.parse_args()
 
 
 def load(args: argparse.Namespace) -> TransformersEngine:
     adapter = None if args.adapter == "none" else args.adapter
-    return TransformersEngine.from_config(TransformersEngineConfig(adapter=adapter, num_threads=args.threads))
+    return TransformersEngine.from_config(
+        TransformersEngineConfig(adapter=adapter, num_threads=args.threads, cache_merged=not args.no_cache_merged)
+    )
 
 
 def rss_bytes() -> int:
@@ -151,6 +158,8 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
         "max_tokens": args.max_tokens,
         "max_samples": args.max_samples,
         "model": engine.model_name,
+        "loaded_from": engine.load_report.path if engine.load_report else None,
+        "adapter_merged_in_memory": args.no_cache_merged and args.adapter != "none",
         "runs": rows,
         "speedup": round(speedup, 3),
         "goal": ">= 3x",
@@ -209,6 +218,8 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "benchmark": "soak",
         "model": engine.model_name,
+        "loaded_from": engine.load_report.path if engine.load_report else None,
+        "adapter_merged_in_memory": args.no_cache_merged and args.adapter != "none",
         "requests": {
             "warmup_sequential": args.warmup,
             "warmup_concurrent": args.warmup,

@@ -48,9 +48,19 @@ def resolve_adapter(model: str | None, adapter: str | None) -> Path | None:
     if adapter == "default":
         shipped = default_adapter_path()
         return shipped if model in (None, DEFAULT_MODEL) and shipped is not None else None
+    return check_adapter(adapter)
+
+
+def check_adapter(adapter: str | os.PathLike[str]) -> Path:
+    """The adapter's folder, after checking that it holds ``adapter_config.json``.
+
+    Raises:
+        ModelNotInstalledError: It does not.
+
+    """
     path = Path(adapter).expanduser()
     if not (path / "adapter_config.json").is_file():
-        raise ModelNotInstalledError(f"adapter {adapter!r} is not a folder holding adapter_config.json")
+        raise ModelNotInstalledError(f"adapter {str(adapter)!r} is not a folder holding adapter_config.json")
     return path
 
 
@@ -62,9 +72,7 @@ def apply_adapter(model: PreTrainedModel, adapter: str | os.PathLike[str]) -> Pr
         MissingExtraError: ``peft`` is not installed.
 
     """
-    path = Path(adapter).expanduser()
-    if not (path / "adapter_config.json").is_file():
-        raise ModelNotInstalledError(f"adapter {str(adapter)!r} is not a folder holding adapter_config.json")
+    path = check_adapter(adapter)
     try:
         from peft import PeftModel
     except ImportError as e:  # pragma: no cover - peft is a core dependency

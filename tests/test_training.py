@@ -31,7 +31,7 @@ from langchain_capeval.training.dataset import (
 from langchain_capeval.training.evaluate import EvalSample, best_of_n, collect_self_evaluations, summarize
 from langchain_capeval.training.examples import collate, pack_sample, self_evaluation_sequence, tree_attention_mask
 from langchain_capeval.training.metrics import auroc, brier_score, expected_calibration_error, reliability_bins
-from langchain_capeval.training.trainer import SelfEvalTrainer, length_batches, soft_answer_loss
+from langchain_capeval.training.trainer import SelfEvalTrainer, build_examples, length_batches, soft_answer_loss
 
 # --- metrics -----------------------------------------------------------------------------
 
@@ -223,6 +223,13 @@ def test_data_builder_resumes_without_duplicates(engine: TransformersEngine, tmp
         rewards = [s.reward for s in r.samples]
         assert [s.target for s in r.samples] == win_or_tie_targets(rewards, 0.0)
     assert engine.live_rows == 0
+    with_prefixes = build_examples(records, engine.chat_format)
+    full_only = build_examples(records, engine.chat_format, prefixes=False)
+    assert len(with_prefixes) == len(full_only) == 16  # one tree-packed sequence per sample
+    assert [e.num_tokens for e in full_only] == [[len(s.token_ids)] for r in records for s in r.samples]
+    lengths = [[len(s.token_ids), *s.prefix_lengths] for r in records for s in r.samples]
+    assert [e.num_tokens for e in with_prefixes] == lengths
+    assert sum(len(e.targets) for e in with_prefixes) > len(full_only)
     written = json.loads((tmp_path / "data_card.json").read_text())
     assert {"model", "seed", "counts", "tie_rate", "label_balance", "decoding"} <= set(written)
     assert (tmp_path / "DATA_CARD.md").read_text().startswith("# Data card")
@@ -374,3 +381,35 @@ def test_shipped_adapter_is_a_vllm_valid_lora_and_loads_by_default(engine: Trans
         assert abs(adapted_mean - 0.84) < abs(base_mean - 0.84), means
     finally:
         adapted.close()
+
+
+def test_merged_adapter_is_saved_once_and_loads_the_same_weights(tmp_path: Path) -> None:
+    """``cache_merged`` loads the base + adapter merge from a copy saved once, equal to merging in memory.
+
+    The copy's key covers the adapter's bytes: a retrained adapter gets a copy of its own.
+    """
+    import shutil
+
+    from langchain_capeval import models
+    from langchain_capeval.adapters import default_adapter_path
+
+    shipped = default_adapter_path()
+    assert shipped is not None
+    cached = models.load_model(None, adapter=shipped, cache_merged=True)
+    again = models.load_model(None, adapter=shipped, cache_merged=True)
+    in_memory = models.load_model(None, adapter=shipped, cache_merged=False)
+    base_folder, _ = models.ensure_model_folder(None)
+    assert again.report.from_cache and again.report.path == cached.report.path
+    assert Path(cached.report.path).parent == models.cache_dir() / "merged"
+    assert in_memory.report.path == str(base_folder)
+    ids = torch.tensor([in_memory.tokenizer.encode("What is 4 + 3? The answer is 7.")])
+    with torch.inference_mode():
+        got, want = cached.model(ids).logits, in_memory.model(ids).logits
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+    retrained = tmp_path / shipped.name
+    shutil.copytree(shipped, retrained)
+    assert models._merged_dir(base_folder, retrained) == models._merged_dir(base_folder, shipped)
+    cfg = retrained / "adapter_config.json"
+    cfg.write_text(cfg.read_text() + "\n")
+    assert models._merged_dir(base_folder, retrained) != models._merged_dir(base_folder, shipped)

@@ -77,6 +77,9 @@ class TransformersEngineConfig(BaseModel):
     """Torch dtype name."""
     num_threads: int | None = Field(default=None, ge=1)
     """Torch CPU threads; ``None`` leaves torch's default."""
+    cache_merged: bool = True
+    """Save the model with the adapter merged in once (in the cache folder) and load that copy, instead of
+    merging in memory at every load: faster loads and less memory (see :mod:`langchain_capeval.models`)."""
 
 
 @dataclass
@@ -144,7 +147,9 @@ class TransformersEngine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         adapter = resolve_adapter(config.model, config.adapter)
-        loaded = load_model(config.model, adapter=adapter, device=config.device, dtype=config.dtype)
+        loaded = load_model(
+            config.model, adapter=adapter, cache_merged=config.cache_merged, device=config.device, dtype=config.dtype
+        )
         name = loaded.name + ("+selfeval" if adapter else "")
         engine = cls(loaded.model, loaded.tokenizer, name=name)
         engine.load_report = loaded.report

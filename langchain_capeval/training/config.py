@@ -194,6 +194,10 @@ class SelfEvalTrainingConfig(_Config):
     max_grad_norm: float = Field(default=1.0, gt=0.0)
     """Gradient clipping norm."""
 
+    train_prefixes: bool = True
+    """Also train on the truncated prefixes the data holds (each inherits its completion's target); ``False``
+    trains on full responses only."""
+
     pack_prefixes: bool = True
     """Pack the full response and its truncated prefixes into one sequence with a tree attention mask: the shared
     prompt and response are computed once, each (prefix, self-evaluation turn) branch sees only its prefix."""

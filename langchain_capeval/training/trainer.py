@@ -64,6 +64,7 @@ def build_examples(
     pack: bool = True,
     exclude_families: Sequence[str] = (),
     samples_per_prompt: int | None = None,
+    prefixes: bool = True,
 ) -> list[PackedSample]:
     """Turn preference records into training sequences: per sample, its full response and its prefixes.
 
@@ -74,6 +75,7 @@ def build_examples(
         exclude_families: Task families to leave out.
         samples_per_prompt: Train on the first this many samples of each prompt (their targets were
             computed among all the prompt's samples); ``None`` takes all.
+        prefixes: Also evaluate each sample at its truncated prefixes; ``False`` keeps full responses only.
 
     Example:
         >>> build_examples([], chat_format)  # doctest: +SKIP
@@ -87,7 +89,7 @@ def build_examples(
         if record.family in exclude_families:
             continue
         for s in record.samples[:samples_per_prompt]:
-            lengths = [len(s.token_ids), *s.prefix_lengths]
+            lengths = [len(s.token_ids), *(s.prefix_lengths if prefixes else ())]
             targets = [s.target] * len(lengths)
             if pack:
                 out.append(pack_sample(record.prompt_ids, s.token_ids, suffix, lengths, targets, eos))
@@ -220,6 +222,7 @@ class SelfEvalTrainer:
             pack=config.pack_prefixes,
             exclude_families=config.exclude_families,
             samples_per_prompt=config.samples_per_prompt,
+            prefixes=config.train_prefixes,
         )
         if not self.examples:
             raise ValueError("no training examples left (every family excluded?)")
