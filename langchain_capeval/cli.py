@@ -63,7 +63,7 @@ def cmd_chat(ns: argparse.Namespace) -> int:
         print(json.dumps({"answer": msg.content, "usage": msg.usage_metadata, **meta, "answer_s": answer_s}, indent=2))
         return 0
     report = getattr(engine, "load_report", None)
-    how = "from the converted cache" if report is not None and report.from_cache else "converted from GGUF"
+    how = "from the cache" if report is not None and report.from_cache else "built once and cached"
     print(f"model     {meta['model_name']}  (loaded in {load_s:.1f}s, {how})")
     print(f"prompt    {ns.prompt}")
     print(f"answer    {msg.content}")
