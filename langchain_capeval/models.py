@@ -130,13 +130,20 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
 
 def _save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
-    """Save a model and its tokenizer as a Hugging Face folder at ``target``, atomically (a rename)."""
+    """Save a model and its tokenizer as a Hugging Face folder at ``target``, atomically (a rename).
+
+    If another process finished the same folder first, its copy is kept and this one dropped.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():  # not a lost race: a real error
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -413,3 +413,28 @@ def test_merged_adapter_is_saved_once_and_loads_the_same_weights(tmp_path: Path)
     cfg = retrained / "adapter_config.json"
     cfg.write_text(cfg.read_text() + "\n")
     assert models._merged_dir(base_folder, retrained) != models._merged_dir(base_folder, shipped)
+
+
+def test_a_checkpoint_saved_by_another_process_first_is_kept(tmp_path: Path) -> None:
+    """Two processes building the same cached copy: the one that renames second keeps the first one's folder."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from langchain_capeval import models
+
+    folder, _ = models.ensure_model_folder(None)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tiny = LlamaForCausalLM(
+        LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    )
+    target = tmp_path / "merged" / "copy"
+    models._save_checkpoint(tiny, tokenizer, target)
+    first = (target / "config.json").stat().st_mtime_ns
+    models._save_checkpoint(tiny, tokenizer, target)  # the target exists: os.replace cannot replace it
+    assert (target / "config.json").stat().st_mtime_ns == first
+    assert [p.name for p in target.parent.iterdir()] == ["copy"]  # the loser's temporary folder is gone
+    squatter = tmp_path / "merged" / "other"  # a folder that is not a checkpoint: a real error, raised
+    squatter.mkdir()
+    (squatter / "junk").touch()
+    with pytest.raises(OSError):
+        models._save_checkpoint(tiny, tokenizer, squatter)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["copy", "other"]
