@@ -86,6 +86,26 @@ def chunk_attention_mask(cache_mask: torch.Tensor, chunk_mask: torch.Tensor) -> 
     return torch.cat([old, new], dim=-1)[:, None]
 
 
+def left_padded_chunk(chunks: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids ``[B, S]`` and real-token mask ``[B, S]`` of chunks of different lengths, left-padded.
+
+    Left padding keeps every row's last position real, where :meth:`KVBatch.forward` reads the logits.
+
+    Example:
+        >>> ids, mask = left_padded_chunk([[5, 6], [7]])
+        >>> ids.tolist(), mask.tolist()
+        ([[5, 6], [0, 7]], [[True, True], [False, True]])
+
+    """
+    width = max(len(c) for c in chunks)
+    ids = torch.zeros(len(chunks), width, dtype=torch.long)
+    mask = torch.zeros(len(chunks), width, dtype=torch.bool)
+    for i, c in enumerate(chunks):
+        ids[i, width - len(c) :] = torch.tensor(list(c), dtype=torch.long)
+        mask[i, width - len(c) :] = True
+    return ids, mask
+
+
 def chunk_position_ids(next_pos: torch.Tensor, chunk_mask: torch.Tensor) -> torch.Tensor:
     """``[B, S]`` position ids of a chunk: each real token continues its row; pads repeat the last."""
     steps = chunk_mask.long().cumsum(dim=1) - 1

@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from langchain_capeval.chat_format import ChatFormat
 from langchain_capeval.engines.base import FinishReason, RowId, Sample, SelfEvaluation, Usage
 from langchain_capeval.engines.decoding import answer_probabilities, sample_next_tokens, win_or_tie_probability
-from langchain_capeval.engines.kv_batch import KVBatch
+from langchain_capeval.engines.kv_batch import KVBatch, left_padded_chunk
 from langchain_capeval.engines.scheduler import DecodeCall, StepScheduler
 from langchain_capeval.errors import (
     CapEvalError,
@@ -241,13 +241,8 @@ class TransformersEngine:
     def _prefill_many(self, prompts: dict[str, list[int]]) -> None:
         """Prefill several requests' prompts in one left-padded forward pass; each keeps a one-row cache."""
         start = time.perf_counter()
-        width = max(len(p) for p in prompts.values())
-        ids = torch.zeros(len(prompts), width, dtype=torch.long)
-        mask = torch.zeros(len(prompts), width, dtype=torch.bool)
-        for i, p in enumerate(prompts.values()):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = True
-        batch = KVBatch.empty(self.model, rows=[-1] * len(prompts), capacity=width)
+        ids, mask = left_padded_chunk(list(prompts.values()))
+        batch = KVBatch.empty(self.model, rows=[-1] * len(prompts), capacity=ids.shape[1])
         logits = batch.forward(self.model, ids.to(self._device), mask.to(self._device))
         share = (time.perf_counter() - start) / len(prompts)
         for i, (request_id, prompt) in enumerate(prompts.items()):
@@ -348,12 +343,7 @@ class TransformersEngine:
         batch = self._gather([r.id for r in live], extra=self._suffix_room)
         order = [self._rows[i] for i in batch.rows]
         chunks = [[r.token_ids[-1], *self._format.suffix_after(r.token_ids)] for r in order]
-        width = max(len(c) for c in chunks)
-        ids = torch.zeros(len(chunks), width, dtype=torch.long)
-        mask = torch.zeros(len(chunks), width, dtype=torch.bool)
-        for i, c in enumerate(chunks):  # left-pad so every row's last position is real
-            ids[i, width - len(c) :] = torch.tensor(c)
-            mask[i, width - len(c) :] = True
+        ids, mask = left_padded_chunk(chunks)
         length, next_pos = batch.length, batch.next_pos
         logits = batch.forward(self.model, ids.to(self._device), mask.to(self._device))
         batch.truncate(length, next_pos)
