@@ -438,3 +438,43 @@ def test_sample_next_tokens_never_leaves_the_nucleus() -> None:
                 )
                 assert set(out.tolist()) <= nucleus, (temperature, top_p, out.tolist(), nucleus)
                 assert out[0].item() == order[0].item(), "u = 0 takes the most likely token"
+
+
+def _nucleus_by_full_sort(logits: torch.Tensor, temperature: float, top_p: float, u: float) -> int:
+    """The reference: a stable descending sort of the whole vocabulary, then the inverse CDF of the nucleus."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_p, order = probs.sort(descending=True, stable=True)
+    kept = sorted_p.cumsum(0) - sorted_p < top_p
+    cum = sorted_p.masked_fill(~kept, 0.0).cumsum(0)
+    pick = min(int(torch.searchsorted(cum, u * cum[-1], right=True)), int(kept.sum()) - 1)
+    return int(order[pick])
+
+
+def test_nucleus_among_candidates_equals_a_full_sort() -> None:
+    """Flat rows (nucleus past the candidates), peaked rows (inside them) and rows of tied logits.
+
+    The fast path sorts only the most likely ``NUCLEUS_CANDIDATES`` tokens; each row must get the
+    token a full sort of the vocabulary gives it, whichever path it took.
+    """
+    from langchain_capeval.engines import decoding
+
+    g = torch.Generator().manual_seed(3)
+    vocab = 4 * decoding.NUCLEUS_CANDIDATES
+    rows, temps, tops, uniforms = [], [], [], []
+    for scale in (0.1, 1.0, 4.0, 12.0):
+        for top_p in (0.3, 0.9, 0.95, 0.999):
+            for _ in range(4):
+                logits = torch.randn(vocab, generator=g) * scale
+                if scale == 4.0:  # ties at and around the candidates' edge
+                    logits = (logits * 2).round() / 2
+                rows.append(logits)
+                temps.append(float(torch.empty(()).uniform_(0.3, 1.5, generator=g)))
+                tops.append(top_p)
+                uniforms.append(float(torch.rand((), generator=g)))
+    batch = torch.stack(rows)
+    out = sample_next_tokens(batch, torch.tensor(temps), torch.tensor(tops), torch.tensor(uniforms))
+    expected = [_nucleus_by_full_sort(*args) for args in zip(rows, temps, tops, uniforms, strict=True)]
+    assert out.tolist() == expected
+    candidates = torch.softmax(batch / torch.tensor(temps)[:, None], dim=-1).topk(decoding.NUCLEUS_CANDIDATES).values
+    inside = (candidates.sum(dim=1) > torch.tensor(tops)).sum().item()
+    assert 0 < inside < len(rows), "the rows must exercise both the candidate path and the full sort"
