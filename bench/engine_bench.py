@@ -23,6 +23,12 @@ forward, are also timed three times within each run); the load average is record
 machine shared with other jobs, ``--threads 1 --clock cpu`` times the process's own CPU
 seconds, which other processes do not inflate.
 
+One thread for all model work. The engine runs its model calls on its scheduler thread;
+the baselines (``model.generate``, the from-scratch forward) run there too, through
+``engine.scheduler.run``. A second thread running parallel torch ops would give the process
+a second OpenMP team, and libgomp then stops spin-waiting between ops, which slows every
+side's small ops (see :mod:`langchain_capeval.engines.cpu`).
+
 Usage:
     python bench/engine_bench.py [--batch 16 --new-tokens 128 --out results/engine_bench.json]
     python bench/engine_bench.py --threads 1 --clock cpu  # on a busy machine
@@ -144,7 +150,6 @@ def engine_prune(engine: TransformersEngine, prompt: list[int], seeds: list[int]
     }
 
 
-@torch.inference_mode()
 def scratch_score(
     engine: TransformersEngine, prompt: list[int], token_ids: list[list[int]], args: argparse.Namespace
 ) -> dict:
@@ -160,13 +165,14 @@ def scratch_score(
     pos = (mask.cumsum(dim=1) - 1).clamp_min(0)
     no_id, yes_id = fmt.answer_token_ids
 
+    @torch.inference_mode()
     def forward() -> torch.Tensor:
         logits = engine.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits
         return answer_probabilities(logits[:, -1], no_id, yes_id)[0]
 
     times = []
     for _ in range(3):  # short, so timed three times
-        seconds, p_no = timed(forward, args)
+        seconds, p_no = timed(lambda: engine.scheduler.run(forward), args)
         times.append(seconds)
     return {
         "score_s": min(times),
@@ -177,22 +183,23 @@ def scratch_score(
     }
 
 
-@torch.inference_mode()
 def hf_generate(engine: TransformersEngine, prompt: list[int], args: argparse.Namespace, new_tokens: int) -> dict:
     """``model.generate`` on the same prompt, batch, temperature, top-p 1, top-k off; EOS suppressed."""
     ids = torch.tensor([prompt] * args.batch)
     torch.manual_seed(0)
     seconds, out = timed(
-        lambda: engine.model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=True,
-            temperature=args.temperature,
-            top_p=1.0,
-            top_k=0,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            pad_token_id=engine.tokenizer.eos_token_id,
+        lambda: engine.scheduler.run(
+            lambda: engine.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                temperature=args.temperature,
+                top_p=1.0,
+                top_k=0,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=engine.tokenizer.eos_token_id,
+            )
         ),
         args,
     )
