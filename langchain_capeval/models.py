@@ -9,10 +9,9 @@ A LoRA self-evaluation adapter is merged into the weights (generation and
 self-evaluation share one KV cache, so both run the adapted model). With
 ``cache_merged=True`` (the engines' default) the merge is saved once, keyed by the base
 model and the adapter's bytes, and later loads read that plain checkpoint: no PEFT
-at load time, and one copy of the weights in memory instead of the base model's plus
-the merge's (on the 2-core development VM, one request at a time decodes about 1.7x faster
-on such a load than on an in-memory merge: ``bench/load_bench.py throughput`` with and
-without ``--no-cache-merged``).
+at load time (0.24 s instead of several seconds), and one copy of the weights in memory
+instead of the base model's plus the merge's. Both decode at the same speed once loaded
+(``bench/load_bench.py throughput`` with and without ``--no-cache-merged``).
 
 Example:
     >>> from langchain_capeval.models import load_model
