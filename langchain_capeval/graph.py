@@ -109,12 +109,13 @@ def _emit(event: dict[str, Any]) -> list[dict[str, Any]]:
     return [event]
 
 
-def _active(state: CapEvalState) -> list[SampleRecord]:
-    """Samples still generating: not finished, not pruned."""
+def active_samples(state: CapEvalState) -> list[SampleRecord]:
+    """Samples still generating: not finished, not pruned (the graph's nodes and the benchmark's replay)."""
     return [s for s in state.get("samples", []) if not s["finished"] and not s["pruned"]]
 
 
-def _tokens_spent(state: CapEvalState) -> int:
+def tokens_spent(state: CapEvalState) -> int:
+    """Tokens the request has spent so far: generated plus self-evaluation tokens."""
     u = state.get("usage", {})
     return int(u.get("generated_tokens", 0) + u.get("self_eval_tokens", 0))
 
@@ -134,7 +135,7 @@ def stop_reason(state: CapEvalState, config: CapEvalConfig, eval_tokens: int) ->
         config,
         batches_drawn=state.get("batches_drawn", 0),
         samples_drawn=len(state.get("samples", [])),
-        tokens_spent=_tokens_spent(state),
+        tokens_spent=tokens_spent(state),
         eval_tokens=eval_tokens,
     )
 
@@ -150,7 +151,7 @@ def route_after_self_evaluation(
     """Prune at a checkpoint; otherwise accept if a stop condition holds, else resample (pure)."""
     if state.get("stop_reason") == "deadline":
         return "accept"
-    if _active(state):
+    if active_samples(state):
         return "prune"
     return "accept" if stop_reason(state, config, eval_tokens) else "generate"
 
@@ -204,7 +205,7 @@ class CapEvalNodes:
     def generate(self, state: CapEvalState, runtime: Runtime[CapEvalConfig]) -> CapEvalState:
         """Continue the active samples to the next checkpoint, or draw the next batch at an annealed temperature."""
         cfg = self.settings(runtime)
-        active = _active(state)
+        active = active_samples(state)
         update: CapEvalState = {}
         trace: list[dict[str, Any]] = []
         if active:
@@ -215,7 +216,7 @@ class CapEvalNodes:
                 cfg,
                 batches_drawn=state["batches_drawn"],
                 samples_drawn=drawn,
-                tokens_spent=_tokens_spent(state),
+                tokens_spent=tokens_spent(state),
                 eval_tokens=self.eval_tokens,
             )
             assert plan is not None, "the router only resamples when a batch fits the budget"
@@ -297,7 +298,7 @@ class CapEvalNodes:
     def prune(self, state: CapEvalState, runtime: Runtime[CapEvalConfig]) -> CapEvalState:
         """Keep the top ``keep_ratio`` of the active samples by self-evaluation; release the others."""
         cfg = self.settings(runtime)
-        active = _active(state)
+        active = active_samples(state)
         keep = set(prune_survivors([s["score"] or 0.0 for s in active], cfg.keep_ratio))
         dropped = [s for i, s in enumerate(active) if i not in keep]
         self.engine.release([s["row"] for s in dropped])

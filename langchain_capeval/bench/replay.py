@@ -50,10 +50,10 @@ from langchain_capeval.config import CapEvalConfig
 from langchain_capeval.graph import (  # the graph's own helpers: the replay must see state as the graph does
     CapEvalState,
     SampleRecord,
-    _active,
-    _tokens_spent,
+    active_samples,
     route_after_self_evaluation,
     stop_reason,
+    tokens_spent,
 )
 from langchain_capeval.policy import best_of_n, plan_next_batch, prune_survivors
 
@@ -156,7 +156,7 @@ def _generate(
     """Mirror of ``CapEvalNodes.generate``: continue the active samples, or draw the next planned batch."""
     state = run.state
     usage = state["usage"]
-    active = _active(state)
+    active = active_samples(state)
     if active:
         records = active
     else:
@@ -165,7 +165,7 @@ def _generate(
             policy,
             batches_drawn=state["batches_drawn"],
             samples_drawn=drawn,
-            tokens_spent=_tokens_spent(state),
+            tokens_spent=tokens_spent(state),
             eval_tokens=eval_tokens,
         )
         assert plan is not None, "the router only resamples when a batch fits the budget"
@@ -227,7 +227,7 @@ def _self_evaluate(run: _Replay, pool: Sequence[PoolSample], eval_tokens: int) -
 
 def _prune(run: _Replay, policy: CapEvalConfig) -> None:
     """Mirror of ``CapEvalNodes.prune``: keep the top ``keep_ratio`` of the active samples by score."""
-    active = _active(run.state)
+    active = active_samples(run.state)
     keep = set(prune_survivors([s["score"] or 0.0 for s in active], policy.keep_ratio))
     dropped = [_record(**{**s, "pruned": True}) for i, s in enumerate(active) if i not in keep]
     run.state["samples"] = _merge(run.state, dropped)
