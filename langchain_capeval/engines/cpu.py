@@ -5,14 +5,13 @@ thread that runs a parallel op owns a team of worker threads, and the workers of
 spin-wait between ops, which is what makes the several hundred small ops of a decode
 step cheap. Once the teams of a process hold more threads than there are cores, libgomp
 cuts that spinning to almost nothing, and every op pays a futex wake-up: on the 2-core
-development VM a one-row decode step goes from ~32 ms to ~55 ms, as slow as one thread.
-The engine runs every model call on its scheduler thread, so that thread's team should be
-the only one: :func:`run_in_own_thread` runs the model's loading (and anything else the
-engine does before serving) on a thread that ends, taking its team with it. Heavy torch
-work of the application on another thread (sentence embeddings on the main thread, say)
-creates a second team and slows the engine the same way; run it through
-``engine.scheduler.run(fn)``, or set ``torch.set_num_threads(1)`` in that thread before
-its first parallel op.
+development VM a one-row decode step goes from ~31 ms to ~58 ms, slower than on one
+thread (``bench/decode_bench.py``). The engine runs every model call on its scheduler
+thread, so that thread's team should be the only one that lasts: the engine loads its
+model through :func:`run_in_own_thread`, on a thread that ends and takes its team with it.
+Heavy torch work of the application on a long-lived thread (embedding a corpus on the main
+thread, say) creates a second team and slows the engine the same way; run it through
+:func:`run_in_own_thread` too, or on the engine's thread with ``engine.scheduler.run(fn)``.
 
 **Packed output projection.** Every decode step multiplies the batch's hidden states by
 the output projection: for SmolLM2-135M a 49,152 x 576 fp32 matrix (113 MB, tied to the
