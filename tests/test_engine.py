@@ -478,3 +478,12 @@ def test_nucleus_among_candidates_equals_a_full_sort() -> None:
     candidates = torch.softmax(batch / torch.tensor(temps)[:, None], dim=-1).topk(decoding.NUCLEUS_CANDIDATES).values
     inside = (candidates.sum(dim=1) > torch.tensor(tops)).sum().item()
     assert 0 < inside < len(rows), "the rows must exercise both the candidate path and the full sort"
+
+
+def test_a_nucleus_of_vanishing_mass_keeps_the_most_likely_token() -> None:
+    """top_p = 5e-324 is valid (> 0) but rounds to 0 in float32: the nucleus is then the top token alone."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(4, 1000, generator=g)
+    for top_p in (5e-324, 1e-45, 1e-9):
+        out = sample_next_tokens(logits, torch.full((4,), 0.8), torch.full((4,), top_p), torch.rand(4, generator=g))
+        assert out.tolist() == logits.argmax(dim=-1).tolist(), top_p

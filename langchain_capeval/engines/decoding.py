@@ -73,7 +73,7 @@ def _sample_nucleus(probs: torch.Tensor, top_p: torch.Tensor, uniform: torch.Ten
     cand_p = cand_p.gather(1, by_id)
     sorted_p, order = cand_p.sort(dim=-1, descending=True, stable=True)
     order = cand_ids.gather(1, order)
-    kept = sorted_p.cumsum(dim=-1) - sorted_p < top_p[:, None]
+    kept = _nucleus_mask(sorted_p, top_p)
     last_kept = kept.sum(dim=1) - 1
     covered = ~kept[:, -1] & (sorted_p.gather(1, last_kept[:, None]).squeeze(1) > sorted_p[:, -1])
     tokens = torch.empty(len(probs), dtype=torch.long, device=probs.device)
@@ -82,9 +82,19 @@ def _sample_nucleus(probs: torch.Tensor, top_p: torch.Tensor, uniform: torch.Ten
     if not bool(covered.all()):
         rest = ~covered
         sorted_p, order = probs[rest].sort(dim=-1, descending=True, stable=True)
-        kept = sorted_p.cumsum(dim=-1) - sorted_p < top_p[rest, None]
+        kept = _nucleus_mask(sorted_p, top_p[rest])
         tokens[rest] = _inverse_cdf(sorted_p, order, kept, uniform[rest])
     return tokens
+
+
+def _nucleus_mask(sorted_p: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Which of the descending probabilities the nucleus keeps: those with less than ``top_p`` before them.
+
+    The most likely token is always kept, also when ``top_p`` rounds to 0 in float32 (5e-324, say).
+    """
+    kept = sorted_p.cumsum(dim=-1) - sorted_p < top_p[:, None]
+    kept[:, 0] = True
+    return kept
 
 
 def _inverse_cdf(
