@@ -295,3 +295,30 @@ def test_cli_serve_starts(tmp_path: Any) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_a_bug_answers_500_and_the_server_keeps_serving(
+    engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception from the engine is a 500 with OpenAI's error shape, not a dropped connection.
+
+    Found by the HTTP fuzz test: Starlette's catch-all re-raises after its 500 and uvicorn then
+    closed the connection, so the client read ``Connection reset by peer``.
+    """
+    app = create_app(engine, CapEvalConfig(max_new_tokens=3, max_samples=1))
+    body = {"model": engine.model_name, "messages": [{"role": "user", "content": "Hi"}]}
+
+    def broken_self_evaluate(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug in the engine")
+
+    with BackgroundServer(app) as srv, httpx.Client(base_url=srv.url, timeout=120) as http:
+        with monkeypatch.context() as patch:
+            patch.setattr(engine, "self_evaluate", broken_self_evaluate)
+            response = http.post("/v1/chat/completions", json=body)
+        assert response.status_code == 500, response.text
+        error = response.json()["error"]
+        assert error["type"] == "internal_error" and "RuntimeError: a bug in the engine" in error["message"]
+        again = http.post("/v1/chat/completions", json=body)
+        assert again.status_code == 200, again.text
+        assert again.json()["choices"][0]["message"]["content"]
+    assert engine.live_rows == 0, "the failed request's rows were freed"

@@ -220,6 +220,41 @@ class EventStream(StreamingResponse):
                 await anyio.to_thread.run_sync(lambda: self._server.end(self._view, complete=self._complete))
 
 
+class InternalErrors:
+    """ASGI middleware: an unexpected exception answers HTTP 500 with an OpenAI-shaped body and is logged.
+
+    Starlette's catch-all handler sends its 500 and then re-raises, and uvicorn closes the
+    connection on an exception from the app, so a client could read a reset instead of the 500.
+    Here the exception stops at the response. Once a response has started (a stream), its
+    status is out: streams report their errors as events (:class:`EventStream`), and an
+    exception that still escapes is re-raised.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the app; answer 500 for an exception before the response started."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        except Exception as exc:
+            logger.exception("request failed: %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            await JSONResponse(api_error(exc).body(), status_code=500)(scope, receive, send)
+
+
 class BodyLimit:
     """ASGI middleware: a request body over ``max_bytes`` gets HTTP 413 with an OpenAI-shaped body.
 
@@ -289,6 +324,7 @@ def create_app(
     server = CapEvalServer(engine, default_policy or CapEvalConfig(), config)
     app = FastAPI(title="capeval", summary="ChatCapEval behind an OpenAI-compatible API")
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(InternalErrors)  # added last: outside BodyLimit, inside Starlette's own catch-all
     app.state.capeval = server
 
     @app.exception_handler(APIError)
@@ -323,10 +359,6 @@ def create_app(
     @app.exception_handler(RequestCancelledError)
     async def _cancelled(request: Request, exc: RequestCancelledError) -> JSONResponse:
         return JSONResponse(api_error(exc).body(), status_code=499)  # nobody reads it: the client is gone
-
-    @app.exception_handler(Exception)
-    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(api_error(exc).body(), status_code=500)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
