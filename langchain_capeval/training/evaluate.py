@@ -330,6 +330,7 @@ def evaluate_self_evaluation(config: SelfEvalEvalConfig, *, progress: bool = Tru
     import torch
 
     from langchain_capeval.adapters import default_adapter_path
+    from langchain_capeval.engines.cpu import run_in_own_thread
     from langchain_capeval.engines.transformers import TransformersEngine
     from langchain_capeval.models import load_model
 
@@ -354,7 +355,8 @@ def evaluate_self_evaluation(config: SelfEvalEvalConfig, *, progress: bool = Tru
             raw[name] = [EvalSample(**json.loads(line)) for line in cache.read_text().splitlines() if line]
             logger.info("reusing %d %s samples from %s", len(raw[name]), name, cache)
             continue
-        loaded = load_model(config.model, adapter=path)
+        # on a thread that ends: the main thread keeps no OpenMP team to slow the engine's (engines.cpu)
+        loaded = run_in_own_thread(lambda: load_model(config.model, adapter=path))  # noqa: B023 (called at once)
         engine = TransformersEngine(loaded.model, loaded.tokenizer, name=f"{loaded.name}:{name}")
         start = time.perf_counter()
         raw[name] = collect_self_evaluations(engine, tasks, config, progress=progress)
