@@ -23,6 +23,22 @@ RUNS = {
 }
 
 
+def test_suffix_lora_trains_and_evaluates(tmp_path: Path) -> None:
+    """One training step of the chunk-only LoRA, then the evaluation at its smallest size."""
+    data = Path(__file__).resolve().parents[1] / "results/training/v2/data/preferences.jsonl"
+    adapter, report = tmp_path / "adapter", tmp_path / "eval"
+    train = ["train", "--data", str(data), "--out", str(adapter), "--epochs", "0.01", "--samples-per-prompt", "1"]
+    evaluate = ["eval", "--adapter", str(adapter), "--out", str(report), "--n-per-family", "6"]
+    evaluate += ["--max-prompts-per-family", "1", "--num-samples", "2", "--max-new-tokens", "8"]
+    for args in (train, evaluate):
+        proc = subprocess.run([sys.executable, str(BENCH / "suffix_lora.py"), *args], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    log = json.loads((adapter / "train_log.json").read_text())
+    assert log["steps"] == len(log["loss"]) >= 1 and (adapter / "adapter_model.safetensors").is_file()
+    result = json.loads((report / "selfeval_eval.json").read_text())
+    assert result["trained"]["samples"] > 0 and result["heldout"]["samples"] > 0
+
+
 @pytest.mark.parametrize("script", sorted(RUNS))
 def test_bench_program_runs_and_writes_json(script: str, tmp_path: Path) -> None:
     out = tmp_path / "result.json"

@@ -1,0 +1,238 @@
+"""Experiment (docs/training.md section 8): a LoRA active on the self-evaluation chunk only.
+
+The shipped adapter is merged into the weights, so it also changes generation; a larger
+learning rate then buys AUROC with pass@1 (section 7). Here the adapter runs only on the
+self-evaluation chunk (the pending last token and the self-evaluation turn), on top of a
+KV cache the base weights wrote for the prompt and the response: the activated-LoRA idea.
+Generation stays the base model's exactly.
+
+``train``: for each sample, the trunk (prompt + response minus its last token) runs through
+the base weights without gradients; the chunk runs with the adapter over the trunk's cache;
+the loss is the two-way soft cross-entropy on the answer token against the win-or-tie target.
+
+``eval``: the section 6 evaluation (same tasks, seeds and sampling) with an engine that
+generates with the base weights and self-evaluates with the adapted ones over the base
+model's cache; writes ``selfeval_eval.json``.
+
+Usage:
+    python bench/suffix_lora.py train --data results/training/v2/data/preferences.jsonl --out runs/suffix
+    python bench/suffix_lora.py eval --adapter runs/suffix --out results/training/v4-suffix-lora
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from langchain_capeval.chat_format import ChatFormat
+from langchain_capeval.engines.base import RowId, SelfEvaluation
+from langchain_capeval.engines.cpu import run_in_own_thread
+from langchain_capeval.engines.transformers import TransformersEngine
+from langchain_capeval.models import load_model
+from langchain_capeval.training.config import SelfEvalEvalConfig
+from langchain_capeval.training.evaluate import collect_self_evaluations, evaluation_tasks, summarize
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+Example = tuple[list[int], list[int], float]  # trunk, chunk, win-or-tie target
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train the chunk-only LoRA")
+    t.add_argument("--data", default="results/training/v2/data/preferences.jsonl")
+    t.add_argument("--out", required=True, help="folder for the PEFT adapter and train_log.json")
+    t.add_argument("--samples-per-prompt", type=int, default=8)
+    t.add_argument("--learning-rate", type=float, default=1e-3)
+    t.add_argument("--epochs", type=float, default=3.0)
+    t.add_argument("--batch", type=int, default=16, help="samples per step")
+    t.add_argument("--lora-r", type=int, default=16)
+    e = sub.add_parser("eval", help="section 6's evaluation: base generation, chunk-only self-evaluation")
+    e.add_argument("--adapter", required=True)
+    e.add_argument("--out", required=True)
+    e.add_argument("--n-per-family", type=int, default=80)
+    e.add_argument("--max-prompts-per-family", type=int, default=None)
+    e.add_argument("--num-samples", type=int, default=8)
+    e.add_argument("--max-new-tokens", type=int, default=48)
+    return parser.parse_args()
+
+
+def load_examples(path: str, fmt: ChatFormat, samples_per_prompt: int) -> list[Example]:
+    examples = []
+    for line in Path(path).read_text().splitlines():
+        rec = json.loads(line)
+        for s in rec["samples"][:samples_per_prompt]:
+            t = s["token_ids"]
+            examples.append((rec["prompt_ids"] + t[:-1], [t[-1], *fmt.suffix_after(t)], float(s["target"])))
+    return examples
+
+
+def left_pad(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.tensor(s)
+        mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+def chunk_loss(model: Any, batch: Sequence[Example], no_id: int, yes_id: int) -> torch.Tensor:
+    """Trunk through the base weights (no gradient), chunk through the adapter over its cache."""
+    trunk_ids, trunk_mask = left_pad([b[0] for b in batch])
+    chunk_ids, chunk_mask = left_pad([b[1] for b in batch])
+    with torch.no_grad(), model.disable_adapter():
+        cache = model(
+            input_ids=trunk_ids,
+            attention_mask=trunk_mask,
+            position_ids=(trunk_mask.cumsum(1) - 1).clamp_min(0),
+            use_cache=True,
+        ).past_key_values
+    positions = (trunk_mask.sum(1, keepdim=True) + chunk_mask.cumsum(1) - 1).clamp_min(0)
+    out = model(
+        input_ids=chunk_ids,
+        attention_mask=torch.cat([trunk_mask, chunk_mask], 1),
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    two_way = torch.log_softmax(out.logits[:, -1, [no_id, yes_id]].float(), -1)
+    p = torch.tensor([b[2] for b in batch])
+    return -(p * two_way[:, 0] + (1 - p) * two_way[:, 1]).mean()
+
+
+def train(args: argparse.Namespace) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    loaded = run_in_own_thread(lambda: load_model(None))
+    fmt = ChatFormat(loaded.tokenizer)
+    no_id, yes_id = fmt.answer_token_ids
+    examples = load_examples(args.data, fmt, args.samples_per_prompt)
+    config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules=list(TARGETS))
+    model = get_peft_model(loaded.model, config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    steps = max(1, math.ceil(len(examples) / args.batch * args.epochs))
+    opt = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 10) * max(0.0, 1 - i / steps))
+
+    def loop() -> list[float]:  # on a thread that ends, like the engine's work (engines.cpu)
+        losses: list[float] = []
+        rng, start = random.Random(0), time.perf_counter()
+        while len(losses) < steps:
+            order = examples[:]
+            rng.shuffle(order)
+            for k in range(0, len(order), args.batch):
+                if len(losses) >= steps:
+                    break
+                loss = chunk_loss(model, order[k : k + args.batch], no_id, yes_id)
+                opt.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                schedule.step()
+                losses.append(loss.item())
+                if len(losses) % 10 == 0:
+                    recent = losses[-10:]
+                    print(
+                        f"step {len(losses)}/{steps} loss {sum(recent) / len(recent):.4f} "
+                        f"{time.perf_counter() - start:.0f}s",
+                        flush=True,
+                    )
+        return losses
+
+    losses = run_in_own_thread(loop)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    mean = sum(e[2] for e in examples) / len(examples)
+    floor = -sum(e[2] * math.log(mean) + (1 - e[2]) * math.log(1 - mean) for e in examples) / len(examples)
+    log = {
+        "args": vars(args),
+        "examples": len(examples),
+        "steps": steps,
+        "loss": losses,
+        "mean_target_predictor_loss": floor,
+    }
+    (out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    tail = losses[-20:]
+    print(f"mean-target predictor loss {floor:.4f}; last {len(tail)} steps {sum(tail) / len(tail):.4f}")
+
+
+class ChunkAdapterEngine(TransformersEngine):
+    """Generates with the base weights; self-evaluates with ``selfeval_model`` over the base model's cache."""
+
+    def __init__(self, model: Any, tokenizer: Any, selfeval_model: Any, name: str) -> None:
+        super().__init__(model, tokenizer, name=name)
+        self._selfeval_model = selfeval_model
+
+    def _self_evaluate(self, rows: Sequence[RowId]) -> list[SelfEvaluation]:
+        base = self.model  # every model call runs on the scheduler thread, one at a time
+        self.model = self._selfeval_model
+        try:
+            return super()._self_evaluate(rows)
+        finally:
+            self.model = base
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    cfg = SelfEvalEvalConfig(
+        adapter=None,
+        output_dir=args.out,
+        families=("add1", "sub1", "capitals", "opposites", "animal_legs", "compare"),
+        heldout_family="colors",
+        heldout_splits=("train", "dev", "test"),
+        n_per_family=args.n_per_family,
+        max_prompts_per_family=args.max_prompts_per_family,
+        num_samples=args.num_samples,
+        max_new_tokens=args.max_new_tokens,
+        prompts_per_batch=4,
+    )
+    trained, heldout = evaluation_tasks(cfg)
+    base = run_in_own_thread(lambda: load_model(None))
+    adapted = run_in_own_thread(lambda: load_model(None, adapter=args.adapter, cache_merged=False))
+    engine = ChunkAdapterEngine(base.model, base.tokenizer, adapted.model, name="base+chunk-only-lora")
+    start = time.perf_counter()
+    samples = collect_self_evaluations(engine, trained + heldout, cfg)
+    held = {t.id for t in heldout}
+    report = {
+        "adapter": args.adapter,
+        "config": cfg.model_dump(mode="json"),
+        "seconds": round(time.perf_counter() - start, 1),
+        "trained": summarize([s for s in samples if s.task_id not in held], cfg.checkpoints, cfg.bins),
+        "heldout": summarize([s for s in samples if s.task_id in held], cfg.checkpoints, cfg.bins),
+        "per_family": {
+            f: summarize([s for s in samples if s.family == f], (), cfg.bins)
+            for f in sorted({s.family for s in samples})
+        },
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "selfeval_eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "selfeval_samples.jsonl").write_text("".join(json.dumps(asdict(s)) + "\n" for s in samples))
+    keys = ("samples", "auroc_full", "auroc_within_prompt", "pass_at_1", "best_of_n_selfeval", "oracle")
+    print("| split | " + " | ".join(keys) + " | AUROC at 8/16/32 |")
+    print("|---" * (len(keys) + 2) + "|")
+    for split in ("trained", "heldout"):
+        r = report[split]
+        at = "/".join(str(r["auroc_at"].get(k)) for k in ("8", "16", "32"))
+        print(f"| {split} | " + " | ".join(str(r.get(k)) for k in keys) + f" | {at} |")
+    engine.close()
+
+
+if __name__ == "__main__":
+    ns = parse_args()
+    if ns.command == "train":
+        train(ns)
+    else:
+        evaluate(ns)
