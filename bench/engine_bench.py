@@ -49,6 +49,7 @@ import torch
 import transformers
 
 from langchain_capeval.engines.decoding import answer_probabilities
+from langchain_capeval.engines.kv_batch import left_padded_chunk
 from langchain_capeval.engines.transformers import TransformersEngine, TransformersEngineConfig
 from langchain_capeval.sampling import SamplingParams
 
@@ -155,13 +156,8 @@ def scratch_score(
 ) -> dict:
     """Score every response from scratch: one left-padded batch forward, last-position logits only."""
     fmt = engine.chat_format
-    seqs = [prompt + t + fmt.suffix_after(t) for t in token_ids]
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.tensor(s)
-        mask[i, width - len(s) :] = 1
+    ids, real = left_padded_chunk([prompt + t + fmt.suffix_after(t) for t in token_ids])
+    mask = real.long()
     pos = (mask.cumsum(dim=1) - 1).clamp_min(0)
     no_id, yes_id = fmt.answer_token_ids
 

@@ -36,6 +36,7 @@ import torch
 from langchain_capeval.chat_format import ChatFormat
 from langchain_capeval.engines.base import RowId, SelfEvaluation
 from langchain_capeval.engines.cpu import run_in_own_thread
+from langchain_capeval.engines.kv_batch import left_padded_chunk
 from langchain_capeval.engines.transformers import TransformersEngine
 from langchain_capeval.models import load_model
 from langchain_capeval.training.config import SelfEvalEvalConfig
@@ -77,13 +78,9 @@ def load_examples(path: str, fmt: ChatFormat, samples_per_prompt: int) -> list[E
 
 
 def left_pad(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.tensor(s)
-        mask[i, width - len(s) :] = 1
-    return ids, mask
+    """Left-padded token ids and a 0/1 attention mask (``kv_batch.left_padded_chunk``'s, as integers)."""
+    ids, mask = left_padded_chunk(seqs)
+    return ids, mask.long()
 
 
 def chunk_loss(model: Any, batch: Sequence[Example], no_id: int, yes_id: int) -> torch.Tensor:
