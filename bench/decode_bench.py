@@ -1,12 +1,14 @@
-"""Decode-step time by batch size: the packed output projection, and a second OpenMP team.
+"""Decode-step time by batch size: packed linear layers, and a second OpenMP team.
 
 Two CPU effects behind ``langchain_capeval.engines.cpu``, measured side by side in one
 process on the engine's own model and scheduler thread:
 
-1. ``packed`` vs ``plain``: one decode step (one token for each of B rows, on top of a
-   60-token cache) with the output projection in oneDNN's blocked layout
-   (``PackedLinear``, the engine's default) and through ``F.linear``, the two swapped in
-   turn on the same model, interleaved over ``--repeats`` rounds (best of each kept);
+1. one decode step (one token for each of B rows, on top of a 60-token cache) with the
+   engine's default, ``packed`` (the output projection in oneDNN's blocked layout, the
+   decoder's linear layers in MKL's packed GEMM: ``PackedLinear``), with ``head only``
+   packed (the decoder's layers through ``F.linear``), and ``plain`` (everything through
+   ``F.linear``), the layers swapped in turn on the same model (the same weight tensors),
+   interleaved over ``--repeats`` rounds (best of each kept);
 2. ``second team``: the same steps (packed) after the main thread has run one parallel
    op, which gives the process a second OpenMP team; libgomp then stops spin-waiting
    between ops. This one is measured last: the main thread's team cannot be undone.
@@ -64,6 +66,13 @@ def step_ms(engine: TransformersEngine, batch: int, steps: int) -> float:
     return result
 
 
+def unpacked(packed: PackedLinear) -> nn.Linear:
+    """An ``nn.Linear`` on the same weight tensors: the layer through ``F.linear``."""
+    plain = nn.Linear(packed.in_features, packed.out_features, bias=packed.bias is not None)
+    plain.weight, plain.bias = packed.weight, packed.bias
+    return plain
+
+
 def main() -> None:
     args = parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -73,16 +82,28 @@ def main() -> None:
     packed = model.get_output_embeddings()
     if not isinstance(packed, PackedLinear):
         raise SystemExit("the engine's output projection is not packed (no oneDNN in this torch build?)")
-    plain = nn.Linear(packed.in_features, packed.out_features, bias=packed.bias is not None)
-    plain.weight, plain.bias = packed.weight, packed.bias  # the same tensors, through F.linear
+    decoder = [
+        (parent, name, child, unpacked(child))
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, PackedLinear) and child.layout == "mkl"
+    ]
+    if not decoder:
+        raise SystemExit("the engine's decoder layers are not packed (no MKL in this torch build?)")
 
-    times: dict[str, dict[int, list[float]]] = {"packed": {}, "plain": {}, "second_team": {}}
+    def use(head_packed: bool, decoder_packed: bool) -> None:
+        model.set_output_embeddings(packed if head_packed else unpacked(packed))
+        for parent, name, layer, plain in decoder:
+            setattr(parent, name, layer if decoder_packed else plain)
+
+    configs = {"packed": (True, True), "head_only": (True, False), "plain": (False, False)}
+    times: dict[str, dict[int, list[float]]] = {name: {} for name in (*configs, "second_team")}
     for _ in range(args.repeats):
-        for name, head in (("packed", packed), ("plain", plain)):
-            model.set_output_embeddings(head)
+        for name, (head_packed, decoder_packed) in configs.items():
+            use(head_packed, decoder_packed)
             for b in batches:
                 times[name].setdefault(b, []).append(step_ms(engine, b, args.steps))
-    model.set_output_embeddings(packed)
+    use(True, True)
     big = torch.randn(1024, 1024)
     _ = big @ big  # on the main thread: the process now has a second OpenMP team
     for _ in range(args.repeats):
@@ -96,8 +117,10 @@ def main() -> None:
             {
                 "batch": b,
                 "packed_ms": round(best["packed"], 2),
+                "head_only_ms": round(best["head_only"], 2),
                 "plain_ms": round(best["plain"], 2),
                 "packed_speedup": round(best["plain"] / best["packed"], 3),
+                "decoder_packing_speedup": round(best["head_only"] / best["packed"], 3),
                 "second_team_ms": round(best["second_team"], 2),
                 "second_team_slowdown": round(best["second_team"] / best["packed"], 3),
                 "all_ms": {name: [round(x, 2) for x in times[name][b]] for name in times},
@@ -106,6 +129,7 @@ def main() -> None:
     result = {
         "benchmark": "decode_step",
         "model": engine.model_name,
+        "packed_decoder_layers": len(decoder),
         "steps": args.steps,
         "repeats": args.repeats,
         "rows": rows,
@@ -118,11 +142,15 @@ def main() -> None:
         },
     }
     print(f"\n{engine.model_name}: ms per decode step (best of {args.repeats} x {args.steps} steps)")
-    print("| rows | packed head | F.linear head | packed speed-up | after a 2nd OpenMP team | slowdown |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| rows | packed (default) | head only packed | all F.linear | packed vs head only | packed vs all F.linear "
+        "| after a 2nd OpenMP team | slowdown |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['batch']} | {r['packed_ms']} | {r['plain_ms']} | {r['packed_speedup']:.2f}x "
+            f"| {r['batch']} | {r['packed_ms']} | {r['head_only_ms']} | {r['plain_ms']} "
+            f"| {r['decoder_packing_speedup']:.2f}x | {r['packed_speedup']:.2f}x "
             f"| {r['second_team_ms']} | {r['second_team_slowdown']:.2f}x |"
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
