@@ -75,14 +75,32 @@ def parse_args() -> argparse.Namespace:
             action="store_true",
             help="merge the adapter in memory at load instead of loading the merge saved in the cache folder",
         )
+        p.add_argument("--no-prefix-caching", action="store_true", help="prefill every prompt in full")
+        p.add_argument("--no-packing", action="store_true", help="every linear layer through F.linear")
     return parser.parse_args()
 
 
 def load(args: argparse.Namespace) -> TransformersEngine:
     adapter = None if args.adapter == "none" else args.adapter
     return TransformersEngine.from_config(
-        TransformersEngineConfig(adapter=adapter, num_threads=args.threads, cache_merged=not args.no_cache_merged)
+        TransformersEngineConfig(
+            adapter=adapter,
+            num_threads=args.threads,
+            cache_merged=not args.no_cache_merged,
+            prefix_caching=not args.no_prefix_caching,
+            pack_output_projection=not args.no_packing,
+            pack_linear_layers=not args.no_packing,
+        )
     )
+
+
+def engine_settings(args: argparse.Namespace) -> dict[str, bool]:
+    """The engine options a run was measured with."""
+    return {
+        "adapter_merged_in_memory": args.no_cache_merged and args.adapter != "none",
+        "prefix_caching": not args.no_prefix_caching,
+        "packed_linear_layers": not args.no_packing,
+    }
 
 
 def rss_bytes() -> int:
@@ -111,6 +129,12 @@ def generated(messages: list[Any]) -> int:
     return sum(m.usage_metadata["output_tokens"] for m in messages)
 
 
+def prompt_tokens(messages: list[Any]) -> tuple[int, int]:
+    """Prompt tokens of the requests, and how many of them came from the prefix cache."""
+    compute = [m.response_metadata["compute"] for m in messages]
+    return sum(int(c["prompt_tokens"]) for c in compute), sum(int(c.get("cached_prompt_tokens", 0)) for c in compute)
+
+
 def throughput(args: argparse.Namespace) -> dict[str, Any]:
     engine = load(args)
     llm = ChatCapEval(engine=engine, max_tokens=args.max_tokens, max_samples=args.max_samples)
@@ -130,6 +154,7 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
     runs: dict[str, list[float]] = {"sequential": [], "concurrent": []}
     answers: dict[str, list[str]] = {}
     tokens: dict[str, int] = {}
+    prompts_cached: dict[str, tuple[int, int]] = {}
     steps: dict[str, int] = {}
     for _ in range(args.repeats):
         for name, fn in (("sequential", sequential), ("concurrent", concurrent)):
@@ -138,6 +163,7 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
             runs[name].append(seconds)
             answers[name] = [str(m.content) for m in out]
             tokens[name] = generated(out)
+            prompts_cached[name] = prompt_tokens(out)
             steps[name] = engine.scheduler.steps - before
     if answers["sequential"] != answers["concurrent"]:
         raise SystemExit("concurrent answers differ from sequential ones: results crossed between requests")
@@ -149,6 +175,8 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
             "generated_tokens": tokens[name],
             "tokens_per_s": round(tokens[name] / best, 2),
             "decode_steps": steps[name],
+            "prompt_tokens": prompts_cached[name][0],
+            "cached_prompt_tokens": prompts_cached[name][1],
             "all_seconds": [round(x, 3) for x in runs[name]],
         }
     speedup = (tokens["concurrent"] / min(runs["concurrent"])) / (tokens["sequential"] / min(runs["sequential"]))
@@ -159,7 +187,7 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
         "max_samples": args.max_samples,
         "model": engine.model_name,
         "loaded_from": engine.load_report.path if engine.load_report else None,
-        "adapter_merged_in_memory": args.no_cache_merged and args.adapter != "none",
+        **engine_settings(args),
         "runs": rows,
         "speedup": round(speedup, 3),
         "goal": ">= 3x",
@@ -170,9 +198,15 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
     print(
         f"\n{args.requests} requests, max_tokens={args.max_tokens}, max_samples={args.max_samples}, {engine.model_name}"
     )
-    print("| run | seconds | generated tokens | tokens/s | decode steps |\n|---|---:|---:|---:|---:|")
+    print(
+        "| run | seconds | generated tokens | tokens/s | decode steps | prompt tokens (from the prefix cache) |\n"
+        "|---|---:|---:|---:|---:|---:|"
+    )
     for name, r in rows.items():
-        print(f"| {name} | {r['seconds']} | {r['generated_tokens']} | {r['tokens_per_s']} | {r['decode_steps']} |")
+        print(
+            f"| {name} | {r['seconds']} | {r['generated_tokens']} | {r['tokens_per_s']} | {r['decode_steps']} "
+            f"| {r['prompt_tokens']} ({r['cached_prompt_tokens']}) |"
+        )
     print(f"\nconcurrent / sequential throughput: {speedup:.2f}x (goal >= 3x: {'met' if result['met'] else 'NOT met'})")
     return result
 
@@ -219,7 +253,8 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "soak",
         "model": engine.model_name,
         "loaded_from": engine.load_report.path if engine.load_report else None,
-        "adapter_merged_in_memory": args.no_cache_merged and args.adapter != "none",
+        **engine_settings(args),
+        "prefix_cache_bytes_after": engine.prefix_cache.nbytes if engine.prefix_cache else 0,
         "requests": {
             "warmup_sequential": args.warmup,
             "warmup_concurrent": args.warmup,

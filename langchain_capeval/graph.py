@@ -178,6 +178,7 @@ class CapEvalNodes:
             "generated_tokens": u.generated_tokens,
             "self_eval_tokens": u.self_eval_tokens,
             "wall_time_s": u.wall_time_s,
+            "cached_prompt_tokens": u.cached_prompt_tokens,
         }
 
     def start(self, state: CapEvalState, runtime: Runtime[CapEvalConfig]) -> CapEvalState:

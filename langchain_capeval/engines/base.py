@@ -54,6 +54,9 @@ class Usage:
         self_eval_tokens: Tokens pushed through the model to self-evaluate
             (the pending sampled token plus the self-evaluation turn).
         wall_time_s: Seconds spent inside the engine on this row or request.
+        cached_prompt_tokens: Of ``prompt_tokens``, those whose keys and values were copied
+            from a cached prompt that starts the same way instead of being prefilled
+            (prefix caching; engines without it leave 0).
 
     """
 
@@ -61,6 +64,7 @@ class Usage:
     generated_tokens: int = 0
     self_eval_tokens: int = 0
     wall_time_s: float = 0.0
+    cached_prompt_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -74,6 +78,7 @@ class Usage:
             self.generated_tokens + other.generated_tokens,
             self.self_eval_tokens + other.self_eval_tokens,
             self.wall_time_s + other.wall_time_s,
+            self.cached_prompt_tokens + other.cached_prompt_tokens,
         )
 
 

@@ -11,7 +11,9 @@ left-padded. The operations are the ones the method needs:
 * :meth:`KVBatch.truncate` rolls the cache back to an earlier length (after a
   self-evaluation, generation continues as if nothing happened);
 * :meth:`KVBatch.select` and :meth:`KVBatch.concat` split and merge batches, so
-  dropped rows leave the batch and cost nothing further.
+  dropped rows leave the batch and cost nothing further;
+* :meth:`KVBatch.prefix` copies the first tokens of a prompt's cache, for a new prompt
+  that starts with them (:mod:`~langchain_capeval.engines.prefix_cache`).
 
 Example:
     >>> batch = KVBatch.empty(model, rows=[0], capacity=64)  # doctest: +SKIP
@@ -250,6 +252,26 @@ class KVBatch:
         mask = torch.zeros(n, cap, dtype=torch.bool, device=self.mask.device)
         mask[:, : self.length] = self.mask[:, : self.length]
         return KVBatch(rows, keys, values, mask, self.next_pos.expand(n).clone(), self.length)
+
+    def prefix(self, tokens: int, extra_capacity: int = 0) -> KVBatch:
+        """A new one-row batch: this one-row batch's first ``tokens`` real tokens, with room for ``extra_capacity``.
+
+        Keys and values of a token depend only on the tokens before it, so the copy is the
+        cache a prefill of just those tokens would give (prefix caching).
+        """
+        assert len(self) == 1, "prefix copies from a single-row (prompt) batch"
+        real = self.mask[0, : self.length].nonzero().flatten()
+        if not 1 <= tokens <= len(real):
+            raise ValueError(f"tokens must be in [1, {len(real)}], got {tokens}")
+        length = int(real[tokens - 1]) + 1  # columns up to and including that token
+        cap = length + extra_capacity
+        idx = torch.zeros(1, dtype=torch.long, device=self.mask.device)
+        keys = [_take(k, idx, 0, length, cap) for k in self.keys]
+        values = [_take(v, idx, 0, length, cap) for v in self.values]
+        mask = torch.zeros(1, cap, dtype=torch.bool, device=self.mask.device)
+        mask[:, :length] = self.mask[:, :length]
+        next_pos = self.next_pos - (len(real) - tokens)
+        return KVBatch(self.rows, keys, values, mask, next_pos, length)
 
     @staticmethod
     def concat(batches: Sequence[KVBatch], extra_capacity: int = 0) -> KVBatch:

@@ -46,6 +46,7 @@ from langchain_capeval.engines.base import FinishReason, RowId, Sample, SelfEval
 from langchain_capeval.engines.cpu import pack_decoder_linears, pack_output_projection, run_in_own_thread
 from langchain_capeval.engines.decoding import answer_probabilities, sample_next_tokens, win_or_tie_probability
 from langchain_capeval.engines.kv_batch import KVBatch, left_padded_chunk
+from langchain_capeval.engines.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache
 from langchain_capeval.engines.scheduler import DecodeCall, StepScheduler
 from langchain_capeval.errors import (
     CapEvalError,
@@ -85,6 +86,12 @@ class TransformersEngineConfig(BaseModel):
     """On CPU in float32, keep a copy of the output projection in oneDNN's blocked layout: decode steps of
     4-12 rows (concurrent requests) run 10-15% faster, for one more copy of that matrix in memory (113 MB for
     the default model); see :mod:`langchain_capeval.engines.cpu`. Ignored elsewhere."""
+    prefix_caching: bool = True
+    """Start each prompt from the cached keys and values of the longest prefix it shares with a recent or live
+    prompt (a shared system prompt, the previous turn of a conversation); see
+    :mod:`langchain_capeval.engines.prefix_cache`."""
+    prefix_cache_bytes: int = Field(default=DEFAULT_PREFIX_CACHE_BYTES, ge=0)
+    """Budget for the prompt caches kept after their requests end (least recently used first out)."""
     pack_linear_layers: bool = True
     """On CPU in float32, keep a copy of the decoder's other linear layers packed for MKL's GEMM: decode steps of
     4-16 rows run ~20% faster, for one more copy of those weights (406 MB for the default model; nothing is
@@ -127,9 +134,17 @@ class TransformersEngine:
         model: A causal LM (adapters already applied).
         tokenizer: Its tokenizer, with a chat template.
         name: Display name of the model.
+        prefix_cache: Where ended requests' prompt caches are kept for prefix reuse;
+            ``None`` turns prefix caching off.
     """
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str = "model") -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        name: str = "model",
+        prefix_cache: PrefixCache | None = None,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self._name = name
@@ -143,6 +158,7 @@ class TransformersEngine:
         self._batches: list[KVBatch] = []  # every live row's cache is in exactly one batch
         self._ids = itertools.count()
         self._cancelled: OrderedDict[str, None] = OrderedDict()  # recently cancelled request ids
+        self.prefix_cache = prefix_cache
         self.scheduler = StepScheduler(self._decode_step, name=f"capeval-engine-{name}")
         self.load_report: LoadReport | None = None
 
@@ -174,7 +190,8 @@ class TransformersEngine:
         # Loading runs parallel ops; on a thread of its own, no OpenMP team outlives it (see engines.cpu).
         loaded = run_in_own_thread(load)
         name = loaded.name + ("+selfeval" if adapter else "")
-        engine = cls(loaded.model, loaded.tokenizer, name=name)
+        prefix_cache = PrefixCache(config.prefix_cache_bytes) if config.prefix_caching else None
+        engine = cls(loaded.model, loaded.tokenizer, name=name, prefix_cache=prefix_cache)
         engine.load_report = loaded.report
         return engine
 
@@ -264,24 +281,37 @@ class TransformersEngine:
     def _prefill_many(self, prompts: dict[str, list[int]]) -> None:
         """Prefill several requests' prompts in one left-padded forward pass; each keeps a one-row cache."""
         start = time.perf_counter()
-        ids, mask = left_padded_chunk(list(prompts.values()))
-        batch = KVBatch.empty(self.model, rows=[-1] * len(prompts), capacity=ids.shape[1])
+        starts = {rid: self._cached_prefix(prompt) for rid, prompt in prompts.items()}
+        parts = [cache if cache is not None else KVBatch.empty(self.model, [-1], 0) for cache, _ in starts.values()]
+        ids, mask = left_padded_chunk([prompt[starts[rid][1] :] for rid, prompt in prompts.items()])
+        batch = KVBatch.concat(parts, extra_capacity=ids.shape[1])
         logits = batch.forward(self.model, ids.to(self._device), mask.to(self._device))
         share = (time.perf_counter() - start) / len(prompts)
         for i, (request_id, prompt) in enumerate(prompts.items()):
             req = _Request(prompt, batch.select([i]), logits[i : i + 1])
             req.usage.prompt_tokens = len(prompt)
+            req.usage.cached_prompt_tokens = starts[request_id][1]
             req.usage.wall_time_s += share
             self._requests[request_id] = req
 
     def _prefill(self, request_id: str, prompt: list[int]) -> _Request:
-        """Prefill the prompt once into a one-row cache."""
-        batch = KVBatch.empty(self.model, rows=[-1], capacity=len(prompt))
-        logits = batch.forward(self.model, torch.tensor([prompt], device=self._device))
+        """Prefill the prompt once into a one-row cache, on top of the longest cached prefix."""
+        batch, cached = self._cached_prefix(prompt)
+        if batch is None:
+            batch = KVBatch.empty(self.model, rows=[-1], capacity=len(prompt))
+        logits = batch.forward(self.model, torch.tensor([prompt[cached:]], device=self._device))
         req = _Request(prompt, batch, logits)
         req.usage.prompt_tokens = len(prompt)
+        req.usage.cached_prompt_tokens = cached
         self._requests[request_id] = req
         return req
+
+    def _cached_prefix(self, prompt: list[int]) -> tuple[KVBatch | None, int]:
+        """A new one-row cache of the longest prefix of ``prompt`` cached or live, and its length (``(None, 0)``)."""
+        if self.prefix_cache is None:
+            return None, 0
+        live = ((r.prompt_ids, r.prompt) for r in self._requests.values())
+        return self.prefix_cache.longest_prefix(prompt, live)
 
     def generate(
         self, rows: Sequence[RowId], *, until: int | None = None, deadline: float | None = None
@@ -409,16 +439,18 @@ class TransformersEngine:
         if request_id not in self._requests:
             raise UnknownRowError(f"unknown request {request_id!r}")
         u = self._requests[request_id].usage
-        return Usage(u.prompt_tokens, u.generated_tokens, u.self_eval_tokens, u.wall_time_s)
+        return Usage(u.prompt_tokens, u.generated_tokens, u.self_eval_tokens, u.wall_time_s, u.cached_prompt_tokens)
 
     def close_request(self, request_id: str) -> Usage:
-        """Release every row and the prompt cache of a request; return its usage."""
-        return self.scheduler.run(lambda: self._close_request(request_id))
+        """Release every row of a request; return its usage. Its prompt cache moves to the prefix cache."""
+        return self.scheduler.run(lambda: self._close_request(request_id, keep_prompt=True))
 
-    def _close_request(self, request_id: str) -> Usage:
+    def _close_request(self, request_id: str, keep_prompt: bool = False) -> Usage:
         usage = self._usage(request_id)
         self._release(list(self._requests[request_id].rows))
-        del self._requests[request_id]
+        req = self._requests.pop(request_id)
+        if keep_prompt and self.prefix_cache is not None:
+            self.prefix_cache.add(req.prompt_ids, req.prompt)
         return usage
 
     def cancel(self, request_id: str) -> None:
@@ -457,10 +489,13 @@ class TransformersEngine:
 
     @property
     def kv_cache_bytes(self) -> int:
-        """Bytes of every KV buffer the engine holds (rows and prompt caches)."""
-        return self.scheduler.run(
-            lambda: sum(b.nbytes for b in self._batches) + sum(r.prompt.nbytes for r in self._requests.values())
-        )
+        """Bytes of every KV buffer the engine holds (rows, prompt caches, and the prefix cache)."""
+
+        def count() -> int:
+            kept = self.prefix_cache.nbytes if self.prefix_cache is not None else 0
+            return sum(b.nbytes for b in self._batches) + sum(r.prompt.nbytes for r in self._requests.values()) + kept
+
+        return self.scheduler.run(count)
 
     def close(self) -> None:
         """Finish queued work and stop the scheduler thread; the engine accepts no more work."""
