@@ -105,7 +105,12 @@ def test_chat_completion_with_the_openai_client(client: openai.OpenAI, engine: T
     finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(finishing) == 1 and finishing[0].model_extra["capeval"]["samples_used"] == 2  # type: ignore[index]
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
-    assert chunks[-1].usage.model_dump() == usage.model_dump()
+    streamed_usage, first_usage = chunks[-1].usage.model_dump(), usage.model_dump()
+    # the prompt is cached now: all of it but its last token comes from the prefix cache
+    cached = streamed_usage.pop("prompt_tokens_details")["cached_tokens"]
+    assert cached >= first_usage.pop("prompt_tokens_details")["cached_tokens"]
+    assert cached == compute["prompt_tokens"] - 1
+    assert streamed_usage == first_usage
 
 
 def test_chat_openai_from_langchain(server: BackgroundServer, engine: TransformersEngine) -> None:
@@ -128,6 +133,10 @@ def test_chat_openai_from_langchain(server: BackgroundServer, engine: Transforme
     for chunk in llm.stream("What is the capital of France?"):
         streamed = chunk if streamed is None else streamed + chunk
     assert streamed is not None and streamed.content == message.content
+    assert streamed.usage_metadata is not None and message.usage_metadata is not None
+    # the same usage, but for the prompt tokens the second request found in the prefix cache
+    later = streamed.usage_metadata.pop("input_token_details", {}).get("cache_read", 0)
+    assert later >= message.usage_metadata.pop("input_token_details", {}).get("cache_read", 0)
     assert streamed.usage_metadata == message.usage_metadata
 
 

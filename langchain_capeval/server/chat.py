@@ -121,7 +121,11 @@ def to_langchain(messages: list[dict[str, str]]) -> list[BaseMessage]:
 
 
 def openai_usage(message: AIMessage | AIMessageChunk) -> dict[str, Any]:
-    """OpenAI ``usage`` from ChatCapEval's ``usage_metadata`` (every sampled and self-evaluation token)."""
+    """OpenAI ``usage`` from ChatCapEval's ``usage_metadata`` (every sampled and self-evaluation token).
+
+    ``prompt_tokens_details.cached_tokens`` counts the prompt tokens the engine took from its
+    prefix cache (included in ``prompt_tokens``, as in OpenAI's API).
+    """
     u = message.usage_metadata or {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
     reasoning = (u.get("output_token_details") or {}).get("reasoning", 0)
     compute = message.response_metadata.get("compute", {})
@@ -129,7 +133,7 @@ def openai_usage(message: AIMessage | AIMessageChunk) -> dict[str, Any]:
         "prompt_tokens": u["input_tokens"],
         "completion_tokens": u["output_tokens"],
         "total_tokens": u["total_tokens"],
-        "prompt_tokens_details": {"cached_tokens": 0},
+        "prompt_tokens_details": {"cached_tokens": int(compute.get("cached_prompt_tokens", 0))},
         "completion_tokens_details": {"reasoning_tokens": reasoning},
         "capeval": {
             "prompt_tokens": int(compute.get("prompt_tokens", 0)),
