@@ -56,7 +56,8 @@ class Usage:
         wall_time_s: Seconds spent inside the engine on this row or request.
         cached_prompt_tokens: Of ``prompt_tokens``, those whose keys and values were copied
             from a cached prompt that starts the same way instead of being prefilled
-            (prefix caching; engines without it leave 0).
+            (the transformers engine's prefix caching; the other engines leave 0, and the
+            vLLM engine reports its own cache through ``prefix_cache_stats``).
 
     """
 

@@ -2,7 +2,9 @@
 
 The engine knows token ids and rows, not messages (those are
 :class:`~langchain_capeval.chat_format.ChatFormat`'s). Each request's prompt is
-prefilled once; its rows start from copies of that cache. Rows decode together
+prefilled once, on top of the longest prefix it shares with a live or recently
+closed prompt (:mod:`~langchain_capeval.engines.prefix_cache`); its rows start from
+copies of that cache. Rows decode together
 in a left-padded :class:`~langchain_capeval.engines.kv_batch.KVBatch`, each with
 its own temperature, top-p and seeded random stream. The last sampled token of a
 row is *pending*: sampled, but not yet in the cache. A decode step pushes the
@@ -94,7 +96,7 @@ class TransformersEngineConfig(BaseModel):
     """Budget for the prompt caches kept after their requests end (least recently used first out)."""
     pack_linear_layers: bool = True
     """On CPU in float32, keep a copy of the decoder's other linear layers packed for MKL's GEMM: decode steps of
-    4-16 rows run ~20% faster, for one more copy of those weights (406 MB for the default model; nothing is
+    4-8 rows run ~15% faster, for one more copy of those weights (406 MB for the default model; nothing is
     packed when the copies would exceed 2 GiB); see :mod:`langchain_capeval.engines.cpu`. Ignored elsewhere."""
 
 
