@@ -5,6 +5,8 @@ seeds, so both runs generate the same tokens), first one after another, then all
 from N threads on the same engine, whose scheduler batches the rows of every pending
 request into each decode step. Both runs are timed in this process, interleaved over
 ``--repeats`` rounds (the best of each is reported), and must produce identical answers.
+The engine's prefix cache is emptied before each run, so a run reuses only what its own
+requests share (the system turn of the chat template), never a whole prompt of an earlier run.
 Throughput = every token the requests generated / wall seconds.
 
 ``soak``: a warm-up (``--warmup`` requests one after another, then as many from ``--workers``
@@ -158,6 +160,8 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
     steps: dict[str, int] = {}
     for _ in range(args.repeats):
         for name, fn in (("sequential", sequential), ("concurrent", concurrent)):
+            if engine.prefix_cache is not None:  # each run meets its prompts for the first time
+                engine.scheduler.run(engine.prefix_cache.clear)
             before = engine.scheduler.steps
             seconds, out = timed(fn)
             runs[name].append(seconds)
