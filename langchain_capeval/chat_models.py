@@ -38,7 +38,7 @@ from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import run_in_executor
-from pydantic import ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from langchain_capeval.config import CapEvalConfig
 from langchain_capeval.engines.base import Engine
@@ -56,6 +56,29 @@ PROGRESS_EVENT = "capeval_progress"
 
 IGNORED_STANDARD_PARAMS = frozenset({"timeout", "max_retries", "api_key", "streaming"})
 """LangChain's standard chat model arguments that mean nothing for a local model: accepted and ignored."""
+
+CALL_ARGUMENTS = frozenset({"max_tokens", "model", "request_id", "stream"})
+"""Per-call keyword arguments besides the policy fields: LangChain's ``max_tokens`` (``max_new_tokens``),
+a per-call ``model``, the engine ``request_id``, and LangChain's own ``stream`` switch."""
+
+
+def check_call_arguments(kwargs: dict[str, Any]) -> None:
+    """Reject per-call keyword arguments ChatCapEval does not know, naming each.
+
+    A misspelt override (``llm.invoke(q, max_new_token=5)``) would otherwise be ignored and the
+    call would spend the default budget.
+
+    Raises:
+        pydantic.ValidationError: One ``extra_forbidden`` error per unknown argument, as
+            ``CapEvalConfig`` raises for unknown fields.
+
+    """
+    unknown = sorted(set(kwargs) - CapEvalConfig.field_names() - CALL_ARGUMENTS)
+    if unknown:
+        raise ValidationError.from_exception_data(
+            "ChatCapEval call arguments",
+            [{"type": "extra_forbidden", "loc": (name,), "input": kwargs[name]} for name in unknown],
+        )
 
 
 def shared_engine(model: str | None, adapter: str | None, device: str) -> Engine:
@@ -271,6 +294,7 @@ class ChatCapEval(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
+        check_call_arguments(kwargs)
         overrides = {k: v for k, v in kwargs.items() if k in CapEvalConfig.field_names()}
         if kwargs.get("max_tokens") is not None:  # LangChain's name of max_new_tokens; merged in the same step
             overrides["max_new_tokens"] = kwargs["max_tokens"]
@@ -323,6 +347,7 @@ class ChatCapEval(BaseChatModel):
         the engine's next decode step (the graph's thread then stops on
         :class:`~langchain_capeval.errors.RequestCancelledError`).
         """
+        check_call_arguments(kwargs)
         request_id = kwargs.pop("request_id", None) or uuid.uuid4().hex
         engine = self.get_engine(kwargs.get("model"))
         chunks = self._stream(

@@ -23,8 +23,9 @@ What counts as a typed error, and why:
   independently and requires exactly that error with exactly that message (which names the offending type,
   role or key).
 
-Bugs the fuzz found are fixed and pinned by the tests at the end of the module. The one leniency left is
-labelled in the printed counts (``known: ...``): unknown per-call keyword arguments are ignored.
+Bugs the fuzz found are fixed and pinned by the tests at the end of the module. Unknown keys are rejected,
+named, by ``ChatCapEval(**kw)`` and by a call (``llm.bind(**kw)``); ``with_config(configurable=...)`` ignores
+them, as every runnable of a chain shares that dict.
 
 The HTTP area runs one real server on loopback (uvicorn in a thread, as in ``tests/test_server.py``) over the
 session's engine. Every answer must be 2xx with an OpenAI-shaped body, or 4xx with ``{"error": {...}}`` whose
@@ -559,15 +560,11 @@ def config_verdict(items: list[Item], *, entry: str, base: CapEvalConfig) -> Con
         renamed = {"max_new_tokens"} if "max_tokens" in bad else set()  # ChatCapEval reports it by its policy name
         return ConfigVerdict(valid=False, blame=frozenset(bad | also | renamed))
     fields = {**base.model_dump(), **given}
-    if not cross_field_ok(fields):
-        return ConfigVerdict(valid=False, blame=frozenset({"prune_checkpoints"}))
-    if unknown and entry == "construct":  # ChatCapEval(**kw) rejects unknown arguments, naming them
+    if not cross_field_ok(fields):  # a call checks its keys first; an error may name the unknown ones
+        return ConfigVerdict(valid=False, blame=frozenset({"prune_checkpoints"} | (unknown if aliased else set())))
+    if unknown and entry in ("construct", "bind"):  # ChatCapEval(**kw) and a call reject unknown keys, naming them
+        # (with_config(configurable=...) ignores them: a configurable dict is shared by every runnable of a chain)
         return ConfigVerdict(valid=False, blame=frozenset(unknown), fields=fields)
-    if unknown and entry == "bind":
-        # KNOWN GAP: unknown per-call keyword arguments are ignored, as LangChain chat models do with kwargs
-        # they do not use; with_config(configurable=...) must ignore them too (a configurable dict is shared
-        # by every runnable of a chain).
-        return ConfigVerdict(valid=True, blame=frozenset(unknown), known="unknown call keys ignored", fields=fields)
     return ConfigVerdict(valid=True, blame=frozenset(), fields=fields)
 
 
@@ -1074,6 +1071,30 @@ def test_budget_too_small_for_one_sample_is_a_typed_error(engine: TransformersEn
 def test_unknown_constructor_field_is_rejected(engine: TransformersEngine) -> None:
     with pytest.raises(ValidationError, match="max_sample"):
         chat_model(engine, max_sample=2)
+
+
+@pytest.mark.parametrize("call", ["invoke", "stream", "ainvoke", "astream"])
+def test_unknown_call_argument_is_rejected(engine: TransformersEngine, call: str) -> None:
+    llm = chat_model(engine, max_tokens=1, max_samples=1)
+
+    def run() -> object:
+        if call == "invoke":
+            return llm.invoke(PROMPT, max_new_token=2)
+        if call == "stream":
+            return list(llm.stream(PROMPT, max_new_token=2))
+        if call == "ainvoke":
+            return asyncio.run(llm.ainvoke(PROMPT, max_new_token=2))
+        return asyncio.run(_collect(llm.astream(PROMPT, max_new_token=2)))
+
+    with pytest.raises(ValidationError, match="max_new_token\n  Extra inputs are not permitted") as info:
+        run()
+    assert [e["loc"] for e in info.value.errors()] == [("max_new_token",)]
+    assert engine.live_rows == 0
+    assert llm.invoke(PROMPT, max_new_tokens=1, stream=False, request_id="known-keys").content is not None
+
+
+async def _collect(chunks: Any) -> list[Any]:
+    return [c async for c in chunks]
 
 
 def test_non_string_text_part_is_a_typed_error(engine: TransformersEngine) -> None:
