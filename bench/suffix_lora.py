@@ -14,9 +14,15 @@ the loss is the two-way soft cross-entropy on the answer token against the win-o
 generates with the base weights and self-evaluates with the adapted ones over the base
 model's cache; writes ``selfeval_eval.json``.
 
+``--dev-every 5`` holds every 5th prompt of the data out of training and, every
+``--eval-every`` steps, scores its samples (all of them, full and at 16 tokens) without
+sampling anything: a learning curve in minutes (``dev_log`` in ``train_log.json``).
+
 Usage:
     python bench/suffix_lora.py train --data results/training/v2/data/preferences.jsonl --out runs/suffix
     python bench/suffix_lora.py eval --adapter runs/suffix --out results/training/v4-suffix-lora
+    python bench/suffix_lora.py train --data results/training/v5-suffix-lora/data/preferences.jsonl \
+        --out runs/dev --samples-per-prompt 16 --learning-rate 3e-3 --epochs 2 --dev-every 5 --eval-every 100
 """
 
 from __future__ import annotations
@@ -40,10 +46,11 @@ from langchain_capeval.engines.kv_batch import left_padded_chunk
 from langchain_capeval.engines.transformers import TransformersEngine
 from langchain_capeval.models import load_model
 from langchain_capeval.training.config import SelfEvalEvalConfig
-from langchain_capeval.training.evaluate import collect_self_evaluations, evaluation_tasks, summarize
+from langchain_capeval.training.evaluate import EvalSample, collect_self_evaluations, evaluation_tasks, summarize
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 Example = tuple[list[int], list[int], float]  # trunk, chunk, win-or-tie target
+DEV_CHECKPOINT = 16  # the prefix length the dev split is also scored at (issue #4's second goal)
 
 
 def parse_args() -> argparse.Namespace:
@@ -57,6 +64,8 @@ def parse_args() -> argparse.Namespace:
     t.add_argument("--epochs", type=float, default=3.0)
     t.add_argument("--batch", type=int, default=16, help="samples per step")
     t.add_argument("--lora-r", type=int, default=16)
+    t.add_argument("--dev-every", type=int, default=0, help="hold out every n-th prompt for a dev AUROC (0: none)")
+    t.add_argument("--eval-every", type=int, default=100, help="steps between dev evaluations")
     e = sub.add_parser("eval", help="section 6's evaluation: base generation, chunk-only self-evaluation")
     e.add_argument("--adapter", required=True)
     e.add_argument("--out", required=True)
@@ -67,14 +76,36 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def load_examples(path: str, fmt: ChatFormat, samples_per_prompt: int) -> list[Example]:
-    examples = []
-    for line in Path(path).read_text().splitlines():
+def chunk_example(prompt_ids: list[int], response_ids: list[int], target: float, fmt: ChatFormat) -> Example:
+    """The trunk (prompt and response but its last token) and the chunk (that token and the turn)."""
+    trunk = prompt_ids + response_ids[:-1]
+    return trunk, [response_ids[-1], *fmt.suffix_after(response_ids)], target
+
+
+def load_examples(
+    path: str, fmt: ChatFormat, samples_per_prompt: int, dev_every: int = 0
+) -> tuple[list[Example], list[tuple[Example, EvalSample, int]]]:
+    """Training examples (full responses), and the held-out prompts' samples at full length and 16 tokens.
+
+    With ``dev_every=n``, every n-th prompt (0, n, 2n, ...) is held out, with all its samples; a dev
+    row is ``(example, its EvalSample to fill, checkpoint)``, checkpoint 0 for the full response.
+    """
+    examples: list[Example] = []
+    dev: list[tuple[Example, EvalSample, int]] = []
+    for i, line in enumerate(Path(path).read_text().splitlines()):
         rec = json.loads(line)
-        for s in rec["samples"][:samples_per_prompt]:
-            t = s["token_ids"]
-            examples.append((rec["prompt_ids"] + t[:-1], [t[-1], *fmt.suffix_after(t)], float(s["target"])))
-    return examples
+        held_out = dev_every > 0 and i % dev_every == 0
+        for s in rec["samples"] if held_out else rec["samples"][:samples_per_prompt]:
+            t, target = s["token_ids"], float(s["target"])
+            if not held_out:
+                examples.append(chunk_example(rec["prompt_ids"], t, target, fmt))
+                continue
+            sample = EvalSample(rec["task"]["id"], rec["task"]["family"], s["reward"] > 0, len(t), 0.0, 0.0, 0.0)
+            sample.target = target
+            dev.append((chunk_example(rec["prompt_ids"], t, target, fmt), sample, 0))
+            if len(t) > DEV_CHECKPOINT:
+                dev.append((chunk_example(rec["prompt_ids"], t[:DEV_CHECKPOINT], target, fmt), sample, DEV_CHECKPOINT))
+    return examples, dev
 
 
 def left_pad(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +115,18 @@ def left_pad(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def chunk_loss(model: Any, batch: Sequence[Example], no_id: int, yes_id: int) -> torch.Tensor:
-    """Trunk through the base weights (no gradient), chunk through the adapter over its cache."""
+    """Two-way soft cross-entropy of the answer token against the win-or-tie targets."""
+    two_way = chunk_answer_log_probs(model, batch, no_id, yes_id)
+    p = torch.tensor([b[2] for b in batch])
+    return -(p * two_way[:, 0] + (1 - p) * two_way[:, 1]).mean()
+
+
+def chunk_answer_log_probs(model: Any, batch: Sequence[Example], no_id: int, yes_id: int) -> torch.Tensor:
+    """Log P("No") and log P("Yes"), renormalised over the two, per example.
+
+    The trunk runs through the base weights (no gradient), the chunk through the adapter over the
+    trunk's cache.
+    """
     trunk_ids, trunk_mask = left_pad([b[0] for b in batch])
     chunk_ids, chunk_mask = left_pad([b[1] for b in batch])
     with torch.no_grad(), model.disable_adapter():
@@ -103,9 +145,24 @@ def chunk_loss(model: Any, batch: Sequence[Example], no_id: int, yes_id: int) ->
         use_cache=True,
         logits_to_keep=1,
     )
-    two_way = torch.log_softmax(out.logits[:, -1, [no_id, yes_id]].float(), -1)
-    p = torch.tensor([b[2] for b in batch])
-    return -(p * two_way[:, 0] + (1 - p) * two_way[:, 1]).mean()
+    return torch.log_softmax(out.logits[:, -1, [no_id, yes_id]].float(), -1)
+
+
+def dev_report(model: Any, dev: Sequence[tuple[Example, EvalSample, int]], no_id: int, yes_id: int) -> dict[str, Any]:
+    """Score the held-out samples (full and at 16 tokens) and summarise them as ``eval`` does."""
+    order = sorted(range(len(dev)), key=lambda j: len(dev[j][0][0]))
+    for k in range(0, len(order), 32):
+        rows = [dev[j] for j in order[k : k + 32]]
+        with torch.no_grad():
+            p_no = chunk_answer_log_probs(model, [r[0] for r in rows], no_id, yes_id)[:, 0].exp().tolist()
+        for (_, sample, checkpoint), p in zip(rows, p_no, strict=True):
+            if checkpoint:
+                sample.p_at[str(checkpoint)] = p
+            else:
+                sample.p_full = p
+    report = summarize(list({id(r[1]): r[1] for r in dev}.values()), (DEV_CHECKPOINT,))
+    keys = ("auroc_full", "auroc_within_prompt", "auroc_at", "mean_p_win_or_tie", "brier_win_or_tie")
+    return {k: report[k] for k in keys}
 
 
 def train(args: argparse.Namespace) -> None:
@@ -115,7 +172,7 @@ def train(args: argparse.Namespace) -> None:
     loaded = run_in_own_thread(lambda: load_model(None))
     fmt = ChatFormat(loaded.tokenizer)
     no_id, yes_id = fmt.answer_token_ids
-    examples = load_examples(args.data, fmt, args.samples_per_prompt)
+    examples, dev = load_examples(args.data, fmt, args.samples_per_prompt, args.dev_every)
     config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules=list(TARGETS))
     model = get_peft_model(loaded.model, config)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -123,9 +180,19 @@ def train(args: argparse.Namespace) -> None:
     opt = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 10) * max(0.0, 1 - i / steps))
 
+    def evaluate_dev(step: int, losses: list[float]) -> dict[str, Any]:
+        row = {"step": step, "loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4)}
+        row.update(dev_report(model, dev, no_id, yes_id))
+        print(json.dumps(row), flush=True)
+        return row
+
+    dev_log: list[dict[str, Any]] = []
+
     def loop() -> list[float]:  # on a thread that ends, like the engine's work (engines.cpu)
         losses: list[float] = []
         rng, start = random.Random(0), time.perf_counter()
+        if dev:
+            dev_log.append(evaluate_dev(0, losses))
         while len(losses) < steps:
             order = examples[:]
             rng.shuffle(order)
@@ -146,6 +213,8 @@ def train(args: argparse.Namespace) -> None:
                         f"{time.perf_counter() - start:.0f}s",
                         flush=True,
                     )
+                if dev and (len(losses) % args.eval_every == 0 or len(losses) == steps):
+                    dev_log.append(evaluate_dev(len(losses), losses))
         return losses
 
     losses = run_in_own_thread(loop)
@@ -160,6 +229,8 @@ def train(args: argparse.Namespace) -> None:
         "steps": steps,
         "loss": losses,
         "mean_target_predictor_loss": floor,
+        "dev_prompts": len({r[1].task_id for r in dev}),
+        "dev_log": dev_log,
     }
     (out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
     tail = losses[-20:]
