@@ -64,6 +64,7 @@ def parse_args() -> argparse.Namespace:
     t.add_argument("--epochs", type=float, default=3.0)
     t.add_argument("--batch", type=int, default=16, help="samples per step")
     t.add_argument("--lora-r", type=int, default=16)
+    t.add_argument("--prefixes", action="store_true", help="also train on the data's truncated prefixes")
     t.add_argument("--dev-every", type=int, default=0, help="hold out every n-th prompt for a dev AUROC (0: none)")
     t.add_argument("--eval-every", type=int, default=100, help="steps between dev evaluations")
     e = sub.add_parser("eval", help="section 6's evaluation: base generation, chunk-only self-evaluation")
@@ -83,12 +84,14 @@ def chunk_example(prompt_ids: list[int], response_ids: list[int], target: float,
 
 
 def load_examples(
-    path: str, fmt: ChatFormat, samples_per_prompt: int, dev_every: int = 0
+    path: str, fmt: ChatFormat, samples_per_prompt: int, dev_every: int = 0, prefixes: bool = False
 ) -> tuple[list[Example], list[tuple[Example, EvalSample, int]]]:
-    """Training examples (full responses), and the held-out prompts' samples at full length and 16 tokens.
+    """Training examples, and the held-out prompts' samples at full length and 16 tokens.
 
-    With ``dev_every=n``, every n-th prompt (0, n, 2n, ...) is held out, with all its samples; a dev
-    row is ``(example, its EvalSample to fill, checkpoint)``, checkpoint 0 for the full response.
+    Training examples are the full responses and, with ``prefixes``, their truncations at the
+    data's ``prefix_lengths``, each with its completion's target. With ``dev_every=n``, every
+    n-th prompt (0, n, 2n, ...) is held out, with all its samples; a dev row is
+    ``(example, its EvalSample to fill, checkpoint)``, checkpoint 0 for the full response.
     """
     examples: list[Example] = []
     dev: list[tuple[Example, EvalSample, int]] = []
@@ -99,6 +102,8 @@ def load_examples(
             t, target = s["token_ids"], float(s["target"])
             if not held_out:
                 examples.append(chunk_example(rec["prompt_ids"], t, target, fmt))
+                for n in s["prefix_lengths"] if prefixes else []:
+                    examples.append(chunk_example(rec["prompt_ids"], t[:n], target, fmt))
                 continue
             sample = EvalSample(rec["task"]["id"], rec["task"]["family"], s["reward"] > 0, len(t), 0.0, 0.0, 0.0)
             sample.target = target
@@ -172,7 +177,7 @@ def train(args: argparse.Namespace) -> None:
     loaded = run_in_own_thread(lambda: load_model(None))
     fmt = ChatFormat(loaded.tokenizer)
     no_id, yes_id = fmt.answer_token_ids
-    examples, dev = load_examples(args.data, fmt, args.samples_per_prompt, args.dev_every)
+    examples, dev = load_examples(args.data, fmt, args.samples_per_prompt, args.dev_every, args.prefixes)
     config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules=list(TARGETS))
     model = get_peft_model(loaded.model, config)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -7,6 +7,7 @@ from rotting (argument parsing, the engine calls they make, the report they writ
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -40,24 +41,27 @@ def test_suffix_lora_trains_and_evaluates(tmp_path: Path) -> None:
 
 
 def test_suffix_lora_dev_split_scores_held_out_prompts(tmp_path: Path) -> None:
-    """``--dev-every``: held-out prompts never trained on, scored before and after training."""
+    """``--dev-every``: held-out prompts, never trained on, scored as training goes; ``--prefixes``: truncations."""
     data = Path(__file__).resolve().parents[1] / "results/training/v2/data/preferences.jsonl"
     lines = data.read_text().splitlines()[:6]
     small = tmp_path / "preferences.jsonl"
     small.write_text("\n".join(lines) + "\n")
     adapter = tmp_path / "adapter"
     args = ["train", "--data", str(small), "--out", str(adapter), "--samples-per-prompt", "2"]
-    args += ["--epochs", "1", "--learning-rate", "1e-2", "--dev-every", "3", "--eval-every", "1"]
+    args += ["--epochs", "1", "--learning-rate", "1e-2", "--dev-every", "3", "--eval-every", "1", "--prefixes"]
     proc = subprocess.run([sys.executable, str(BENCH / "suffix_lora.py"), *args], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = json.loads((adapter / "train_log.json").read_text())
-    assert log["examples"] == 4 * 2 and log["steps"] == 1  # prompts 1, 2, 4, 5, two samples each
+    trained = [json.loads(lines[i])["samples"][:2] for i in (1, 2, 4, 5)]  # two samples each
+    prefixes = sum(len(s["prefix_lengths"]) for samples in trained for s in samples)
+    assert prefixes > 0 and log["examples"] == 4 * 2 + prefixes  # each full response and its truncations
+    assert log["steps"] == math.ceil(log["examples"] / 16)  # one epoch of 16-sample batches
     assert log["dev_prompts"] == 2  # prompts 0 and 3, all 16 samples each
-    assert [row["step"] for row in log["dev_log"]] == [0, 1]
+    assert [row["step"] for row in log["dev_log"]] == list(range(log["steps"] + 1))
     for row in log["dev_log"]:
         assert 0.0 < row["mean_p_win_or_tie"] < 1.0 and row["auroc_full"] is not None
         assert set(row["auroc_at"]) == {"16"}
-    assert log["dev_log"][0]["mean_p_win_or_tie"] != log["dev_log"][1]["mean_p_win_or_tie"]  # the step changed it
+    assert log["dev_log"][0]["mean_p_win_or_tie"] != log["dev_log"][-1]["mean_p_win_or_tie"]  # the step changed it
 
 
 @pytest.mark.parametrize("script", sorted(RUNS))
