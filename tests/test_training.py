@@ -84,6 +84,11 @@ def test_best_of_n_and_summary() -> None:
     assert out["auroc_full"] == 1.0
     assert out["auroc_at"] == {"8": 1.0, "16": None}
     assert out["samples_at"] == {"8": 2, "16": 0}
+    # win-or-tie targets: prompt a's wrong answer loses to its right one (0), its right one wins (1);
+    # prompt b's two wrong answers tie each other (1 each), like a right answer: 1 win + 2 ties of 3 pairs.
+    for sample, target in zip(s, (0.0, 1.0, 1.0, 1.0), strict=True):
+        sample.target = target
+    assert summarize(s, ())["auroc_win_or_tie_target"] == pytest.approx(2 / 3, abs=1e-4)
 
 
 # --- targets, prefixes, packing ----------------------------------------------------------------

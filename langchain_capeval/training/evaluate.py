@@ -215,7 +215,13 @@ def _r(x: float | None) -> float | None:
 
 
 def summarize(samples: Sequence[EvalSample], checkpoints: Sequence[int], bins: int = 10) -> dict[str, Any]:
-    """Discrimination, calibration and best-of-N of one model's samples."""
+    """Discrimination, calibration and best-of-N of one model's samples.
+
+    ``auroc_win_or_tie_target`` is the AUROC of the samples' own win-or-tie targets for
+    correctness: what a self-evaluator that predicted the method's target exactly would
+    score, the ceiling of ``auroc_full`` for a model trained on that target. Below 1 where
+    a prompt's samples are all wrong: each then has target 1, as a right answer does.
+    """
     if not samples:
         return {"samples": 0}
     p = [s.p_full for s in samples]
@@ -226,6 +232,7 @@ def summarize(samples: Sequence[EvalSample], checkpoints: Sequence[int], bins: i
         "auroc_full": _r(auroc(p, y)),
         "auroc_full_raw_p_no": _r(auroc([s.p_no for s in samples], y)),
         "auroc_within_prompt": _r(within_prompt_auroc(samples)),
+        "auroc_win_or_tie_target": _r(auroc(t, y)),
         "auroc_at": {},
         "samples_at": {},
         "brier_correct": _r(brier_score(p, y)),
@@ -413,6 +420,8 @@ def render_table(report: dict[str, Any]) -> str:
         ("AUROC, full responses", [models[n]["trained"]["auroc_full"] for n in names]),
         ("AUROC within prompts, full", [models[n]["trained"].get("auroc_within_prompt") for n in names]),
     ]
+    ceiling = [models[n]["trained"].get("auroc_win_or_tie_target") for n in names]
+    rows.append(("AUROC of the win-or-tie targets (ceiling)", ceiling))
     for k in checkpoints:
         rows.append(
             (
@@ -437,6 +446,12 @@ def render_table(report: dict[str, Any]) -> str:
     rows.append(("held-out family: AUROC, full", [models[n]["heldout"].get("auroc_full") for n in names]))
     rows.append(
         ("held-out family: AUROC at 16 tokens", [models[n]["heldout"].get("auroc_at", {}).get("16") for n in names])
+    )
+    rows.append(
+        (
+            "held-out family: AUROC of the targets (ceiling)",
+            [models[n]["heldout"].get("auroc_win_or_tie_target") for n in names],
+        )
     )
     rows.append(("held-out family: pass@1", [models[n]["heldout"].get("pass_at_1") for n in names]))
     rows.append(
