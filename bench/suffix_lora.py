@@ -17,6 +17,9 @@ model's cache; writes ``selfeval_eval.json``.
 ``--dev-every 5`` holds every 5th prompt of the data out of training and, every
 ``--eval-every`` steps, scores its samples (all of them, full and at 16 tokens) without
 sampling anything: a learning curve in minutes (``dev_log`` in ``train_log.json``).
+``--heldout-family F`` puts all of family F in that dev split (a family never trained on).
+``--target correctness`` trains on the 0/1 reward instead of the win-or-tie target: a
+measurement of what the method's target costs the correctness AUROC, not the method.
 
 Usage:
     python bench/suffix_lora.py train --data results/training/v2/data/preferences.jsonl --out runs/suffix
@@ -51,6 +54,7 @@ from langchain_capeval.training.evaluate import EvalSample, collect_self_evaluat
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 Example = tuple[list[int], list[int], float]  # trunk, chunk, win-or-tie target
 DEV_CHECKPOINT = 16  # the prefix length the dev split is also scored at (issue #4's second goal)
+TRAINING_TARGETS = ("win_or_tie", "correctness")
 
 
 def parse_args() -> argparse.Namespace:
@@ -65,7 +69,19 @@ def parse_args() -> argparse.Namespace:
     t.add_argument("--batch", type=int, default=16, help="samples per step")
     t.add_argument("--lora-r", type=int, default=16)
     t.add_argument("--prefixes", action="store_true", help="also train on the data's truncated prefixes")
+    t.add_argument(
+        "--target",
+        choices=TRAINING_TARGETS,
+        default="win_or_tie",
+        help="win_or_tie: the method's target; correctness: the 0/1 reward (a diagnostic, not the method)",
+    )
     t.add_argument("--dev-every", type=int, default=0, help="hold out every n-th prompt for a dev AUROC (0: none)")
+    t.add_argument(
+        "--heldout-family",
+        action="append",
+        default=[],
+        help="hold every prompt of this family out of training, into the dev split (repeatable)",
+    )
     t.add_argument("--eval-every", type=int, default=100, help="steps between dev evaluations")
     e = sub.add_parser("eval", help="section 6's evaluation: base generation, chunk-only self-evaluation")
     e.add_argument("--adapter", required=True)
@@ -84,32 +100,46 @@ def chunk_example(prompt_ids: list[int], response_ids: list[int], target: float,
 
 
 def load_examples(
-    path: str, fmt: ChatFormat, samples_per_prompt: int, dev_every: int = 0, prefixes: bool = False
+    path: str,
+    fmt: ChatFormat,
+    samples_per_prompt: int,
+    dev_every: int = 0,
+    prefixes: bool = False,
+    target: str = "win_or_tie",
+    heldout_families: Sequence[str] = (),
 ) -> tuple[list[Example], list[tuple[Example, EvalSample, int]]]:
     """Training examples, and the held-out prompts' samples at full length and 16 tokens.
 
     Training examples are the full responses and, with ``prefixes``, their truncations at the
     data's ``prefix_lengths``, each with its completion's target. With ``dev_every=n``, every
-    n-th prompt (0, n, 2n, ...) is held out, with all its samples; a dev row is
+    n-th prompt (0, n, 2n, ...) is held out, with all its samples, and so is every prompt of
+    ``heldout_families`` (a family never trained on: issue #4's third goal); a dev row is
     ``(example, its EvalSample to fill, checkpoint)``, checkpoint 0 for the full response.
+    ``target="correctness"`` trains on the 0/1 reward instead of the win-or-tie target: not
+    the method, a measurement of what the win-or-tie target costs the correctness AUROC
+    (docs/training.md section 10); dev samples keep their win-or-tie target either way.
     """
+    if target not in TRAINING_TARGETS:
+        raise ValueError(f"target must be one of {TRAINING_TARGETS}, got {target!r}")
     examples: list[Example] = []
     dev: list[tuple[Example, EvalSample, int]] = []
     for i, line in enumerate(Path(path).read_text().splitlines()):
         rec = json.loads(line)
-        held_out = dev_every > 0 and i % dev_every == 0
+        held_out = (dev_every > 0 and i % dev_every == 0) or rec["task"]["family"] in heldout_families
         for s in rec["samples"] if held_out else rec["samples"][:samples_per_prompt]:
-            t, target = s["token_ids"], float(s["target"])
+            t, win_or_tie, correct = s["token_ids"], float(s["target"]), s["reward"] > 0
             if not held_out:
-                examples.append(chunk_example(rec["prompt_ids"], t, target, fmt))
+                p = win_or_tie if target == "win_or_tie" else float(correct)
+                examples.append(chunk_example(rec["prompt_ids"], t, p, fmt))
                 for n in s["prefix_lengths"] if prefixes else []:
-                    examples.append(chunk_example(rec["prompt_ids"], t[:n], target, fmt))
+                    examples.append(chunk_example(rec["prompt_ids"], t[:n], p, fmt))
                 continue
-            sample = EvalSample(rec["task"]["id"], rec["task"]["family"], s["reward"] > 0, len(t), 0.0, 0.0, 0.0)
-            sample.target = target
-            dev.append((chunk_example(rec["prompt_ids"], t, target, fmt), sample, 0))
+            sample = EvalSample(rec["task"]["id"], rec["task"]["family"], correct, len(t), 0.0, 0.0, 0.0)
+            sample.target = win_or_tie
+            dev.append((chunk_example(rec["prompt_ids"], t, win_or_tie, fmt), sample, 0))
             if len(t) > DEV_CHECKPOINT:
-                dev.append((chunk_example(rec["prompt_ids"], t[:DEV_CHECKPOINT], target, fmt), sample, DEV_CHECKPOINT))
+                truncated = chunk_example(rec["prompt_ids"], t[:DEV_CHECKPOINT], win_or_tie, fmt)
+                dev.append((truncated, sample, DEV_CHECKPOINT))
     return examples, dev
 
 
@@ -120,7 +150,7 @@ def left_pad(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def chunk_loss(model: Any, batch: Sequence[Example], no_id: int, yes_id: int) -> torch.Tensor:
-    """Two-way soft cross-entropy of the answer token against the win-or-tie targets."""
+    """Two-way soft cross-entropy of the answer token against the examples' targets (``--target``)."""
     two_way = chunk_answer_log_probs(model, batch, no_id, yes_id)
     p = torch.tensor([b[2] for b in batch])
     return -(p * two_way[:, 0] + (1 - p) * two_way[:, 1]).mean()
@@ -165,9 +195,16 @@ def dev_report(model: Any, dev: Sequence[tuple[Example, EvalSample, int]], no_id
                 sample.p_at[str(checkpoint)] = p
             else:
                 sample.p_full = p
-    report = summarize(list({id(r[1]): r[1] for r in dev}.values()), (DEV_CHECKPOINT,))
+    samples = list({id(r[1]): r[1] for r in dev}.values())
+    report = summarize(samples, (DEV_CHECKPOINT,))
     keys = ("auroc_full", "auroc_within_prompt", "auroc_at", "mean_p_win_or_tie", "brier_win_or_tie")
-    return {k: report[k] for k in keys}
+    row = {k: report[k] for k in keys}
+    row["auroc_win_or_tie_target"] = report["auroc_win_or_tie_target"]  # the ceiling for this target
+    by_family: dict[str, list[EvalSample]] = {}
+    for s in samples:
+        by_family.setdefault(s.family, []).append(s)
+    row["auroc_full_by_family"] = {f: summarize(ss, ())["auroc_full"] for f, ss in sorted(by_family.items())}
+    return row
 
 
 def train(args: argparse.Namespace) -> None:
@@ -177,7 +214,9 @@ def train(args: argparse.Namespace) -> None:
     loaded = run_in_own_thread(lambda: load_model(None))
     fmt = ChatFormat(loaded.tokenizer)
     no_id, yes_id = fmt.answer_token_ids
-    examples, dev = load_examples(args.data, fmt, args.samples_per_prompt, args.dev_every, args.prefixes)
+    examples, dev = load_examples(
+        args.data, fmt, args.samples_per_prompt, args.dev_every, args.prefixes, args.target, args.heldout_family
+    )
     config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules=list(TARGETS))
     model = get_peft_model(loaded.model, config)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -235,6 +274,7 @@ def train(args: argparse.Namespace) -> None:
         "loss": losses,
         "mean_target_predictor_loss": floor,
         "dev_prompts": len({r[1].task_id for r in dev}),
+        "dev_families": sorted({r[1].family for r in dev}),
         "dev_log": dev_log,
     }
     (out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")

@@ -6,6 +6,7 @@ from rotting (argument parsing, the engine calls they make, the report they writ
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -13,6 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from langchain_capeval.chat_format import ChatFormat
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -41,7 +44,7 @@ def test_suffix_lora_trains_and_evaluates(tmp_path: Path) -> None:
 
 
 def test_suffix_lora_dev_split_scores_held_out_prompts(tmp_path: Path) -> None:
-    """``--dev-every``: held-out prompts, never trained on, scored as training goes; ``--prefixes``: truncations."""
+    """``--dev-every``/``--heldout-family``: prompts never trained on, scored as training goes; ``--prefixes``."""
     data = Path(__file__).resolve().parents[1] / "results/training/v2/data/preferences.jsonl"
     lines = data.read_text().splitlines()[:6]
     small = tmp_path / "preferences.jsonl"
@@ -49,19 +52,47 @@ def test_suffix_lora_dev_split_scores_held_out_prompts(tmp_path: Path) -> None:
     adapter = tmp_path / "adapter"
     args = ["train", "--data", str(small), "--out", str(adapter), "--samples-per-prompt", "2"]
     args += ["--epochs", "1", "--learning-rate", "1e-2", "--dev-every", "3", "--eval-every", "1", "--prefixes"]
-    proc = subprocess.run([sys.executable, str(BENCH / "suffix_lora.py"), *args], capture_output=True, text=True)
+    args += ["--heldout-family", "opposites"]  # prompt 5 (prompt 3, also opposites, is held out by --dev-every)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "suffix_lora.py"), *args], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = json.loads((adapter / "train_log.json").read_text())
-    trained = [json.loads(lines[i])["samples"][:2] for i in (1, 2, 4, 5)]  # two samples each
+    records = [json.loads(line) for line in lines]
+    trained = [records[i]["samples"][:2] for i in (1, 2, 4)]  # two samples each
     prefixes = sum(len(s["prefix_lengths"]) for samples in trained for s in samples)
-    assert prefixes > 0 and log["examples"] == 4 * 2 + prefixes  # each full response and its truncations
+    assert prefixes > 0 and log["examples"] == 3 * 2 + prefixes  # each full response and its truncations
     assert log["steps"] == math.ceil(log["examples"] / 16)  # one epoch of 16-sample batches
-    assert log["dev_prompts"] == 2  # prompts 0 and 3, all 16 samples each
+    assert log["dev_prompts"] == 3  # prompts 0, 3 and 5, all 16 samples each
+    assert log["dev_families"] == sorted(records[i]["task"]["family"] for i in (0, 3)) == ["add1", "opposites"]
     assert [row["step"] for row in log["dev_log"]] == list(range(log["steps"] + 1))
     for row in log["dev_log"]:
         assert 0.0 < row["mean_p_win_or_tie"] < 1.0 and row["auroc_full"] is not None
-        assert set(row["auroc_at"]) == {"16"}
+        assert set(row["auroc_at"]) == {"16"} and set(row["auroc_full_by_family"]) == {"add1", "opposites"}
+        assert row["auroc_win_or_tie_target"] == log["dev_log"][0]["auroc_win_or_tie_target"]  # the data's, fixed
     assert log["dev_log"][0]["mean_p_win_or_tie"] != log["dev_log"][-1]["mean_p_win_or_tie"]  # the step changed it
+
+
+def test_suffix_lora_correctness_target_is_the_reward(chat_format: ChatFormat) -> None:
+    """``--target correctness`` trains on the 0/1 reward; the dev split keeps the win-or-tie target."""
+    spec = importlib.util.spec_from_file_location("suffix_lora", BENCH / "suffix_lora.py")
+    assert spec is not None and spec.loader is not None
+    suffix_lora = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suffix_lora)
+    data = Path(__file__).resolve().parents[1] / "results/training/v2/data/preferences.jsonl"
+    records = [json.loads(line) for line in data.read_text().splitlines()[:6]]
+    kept = [s for i, r in enumerate(records) if i % 3 for s in r["samples"][:4]]  # prompts 0 and 3 held out
+    by_target: dict[str, tuple[list[float], list[float]]] = {}
+    for target in ("win_or_tie", "correctness"):
+        examples, dev = suffix_lora.load_examples(str(data), chat_format, 4, dev_every=3, target=target)
+        examples = examples[: len(kept)]  # the first six prompts' examples come first
+        by_target[target] = ([e[2] for e in examples], [row[0][2] for row in dev[:8]])
+    assert by_target["win_or_tie"][0] == [s["target"] for s in kept]
+    assert by_target["correctness"][0] == [float(s["reward"] > 0) for s in kept]
+    assert by_target["correctness"][0] != by_target["win_or_tie"][0]  # wrong answers with a high target
+    assert by_target["correctness"][1] == by_target["win_or_tie"][1]  # dev rows keep the win-or-tie target
+    with pytest.raises(ValueError, match="target must be one of"):
+        suffix_lora.load_examples(str(data), chat_format, 4, target="reward")
 
 
 @pytest.mark.parametrize("script", sorted(RUNS))
