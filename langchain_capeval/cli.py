@@ -157,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # one clear line, not a traceback, for errors of input or installation
         from langchain_capeval.errors import CapEvalError
 
-        if isinstance(e, CapEvalError | ValueError):
+        if isinstance(e, CapEvalError | ValueError | FileNotFoundError):
             print(f"capeval: error: {e}", file=sys.stderr)
             return 2
         raise

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from langchain_capeval.adapters import apply_adapter
+from langchain_capeval.cli import main as capeval_main
 from langchain_capeval.engines.transformers import TransformersEngine
 from langchain_capeval.models import load_model
 from langchain_capeval.preferences import win_or_tie_targets
@@ -25,6 +26,7 @@ from langchain_capeval.training.config import PreferenceDataConfig, SelfEvalEval
 from langchain_capeval.training.dataset import (
     PreferenceDataBuilder,
     choose_prefix_lengths,
+    correctness_aurocs,
     label_samples,
     read_records,
 )
@@ -70,6 +72,39 @@ def test_brier_and_ece_hand_computed() -> None:
     assert expected_calibration_error([0.0, 1.0], [0, 1], bins=10) == 0.0
     bins = reliability_bins([0.1, 0.3, 0.9, 1.0], [0, 1, 1, 1], bins=2)
     assert [(b.count, b.mean_score, b.mean_target) for b in bins] == [(2, 0.2, 0.5), (2, 0.95, 1.0)]
+
+
+def test_data_card_reports_what_the_targets_can_rank(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``capeval data-card``: the targets' correctness AUROC (the ceiling) and prompt difficulty's, per family."""
+    v2 = Path(__file__).resolve().parents[1] / "results/training/v2/data"
+    first_eight = v2.joinpath("preferences.jsonl").read_text().splitlines()[:8]
+    (tmp_path / "preferences.jsonl").write_text("\n".join(first_eight) + "\n")
+    (tmp_path / "build_config.json").write_text(v2.joinpath("build_config.json").read_text())
+    assert capeval_main(["data-card", str(tmp_path)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    card = json.loads((tmp_path / "data_card.json").read_text())
+    assert printed["label_balance"] == card["label_balance"] and card["counts"]["prompts"] == 8
+    records = read_records(tmp_path / "preferences.jsonl")
+
+    def pairwise(score: dict[tuple[int, int], float]) -> float:  # P(a right sample outscores a wrong one), ties 1/2
+        right = [k for k in score if records[k[0]].samples[k[1]].reward > 0]
+        wrong = [k for k in score if records[k[0]].samples[k[1]].reward <= 0]
+        wins = sum((score[r] > score[w]) + 0.5 * (score[r] == score[w]) for r in right for w in wrong)
+        return round(wins / (len(right) * len(wrong)), 4)
+
+    keys = [(i, j) for i, r in enumerate(records) for j in range(len(r.samples))]
+    targets = {k: records[k[0]].samples[k[1]].target for k in keys}
+    mean_target = [round(sum(s.target for s in r.samples) / len(r.samples), 4) for r in records]  # equal means tie
+    difficulty = {k: mean_target[k[0]] for k in keys}
+    lb = card["label_balance"]
+    assert lb["auroc_target_for_correctness"] == pairwise(targets)
+    assert lb["auroc_difficulty_for_correctness"] == pairwise(difficulty)
+    assert set(card["per_family"]) == {r.family for r in records}
+    for fam, row in card["per_family"].items():
+        assert row | correctness_aurocs([r for r in records if r.family == fam]) == row
+    assert "AUROC of targets" in (tmp_path / "DATA_CARD.md").read_text()
+    assert capeval_main(["data-card", str(tmp_path / "missing")]) == 2  # a clear error, not a traceback
+    assert "has no preferences.jsonl" in capsys.readouterr().err
 
 
 def test_best_of_n_and_summary() -> None:

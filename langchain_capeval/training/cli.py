@@ -105,6 +105,15 @@ def cmd_build_data(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_card(ns: argparse.Namespace) -> int:
+    """Describe a built preference-data folder again (no engine); print what its labels can rank."""
+    from langchain_capeval.training.dataset import describe_folder
+
+    card = describe_folder(ns.output_dir)
+    print(json.dumps({"label_balance": card["label_balance"], "per_family": card["per_family"]}, indent=2))
+    return 0
+
+
 def cmd_train(ns: argparse.Namespace) -> int:
     """Train a self-evaluation LoRA and save it."""
     from langchain_capeval.training.trainer import SelfEvalTrainer
@@ -130,7 +139,7 @@ def cmd_eval_selfeval(ns: argparse.Namespace) -> int:
 
 
 def add_training_commands(subparsers: Any) -> None:
-    """Register ``build-data``, ``train`` and ``eval-selfeval`` on a ``capeval`` subparsers object.
+    """Register ``build-data``, ``data-card``, ``train`` and ``eval-selfeval`` on a ``capeval`` subparsers object.
 
     Example:
         >>> parser = argparse.ArgumentParser(prog="capeval")
@@ -148,3 +157,8 @@ def add_training_commands(subparsers: Any) -> None:
         parser = subparsers.add_parser(name, help=help_text, description=(config.__doc__ or "").strip())
         add_config_arguments(parser, config)
         parser.set_defaults(func=func)
+    card = subparsers.add_parser(
+        "data-card", help="rewrite a built data folder's card (no sampling)", description=cmd_data_card.__doc__
+    )
+    card.add_argument("output_dir", help="the folder build-data wrote (preferences.jsonl, build_config.json)")
+    card.set_defaults(func=cmd_data_card)

@@ -11,7 +11,9 @@ inherits its completion's target.
 The output is ``preferences.jsonl``, one JSON object per prompt (a :class:`PromptRecord`),
 appended as each prompt is done: rerunning the command skips prompts already in the
 file, so an interrupted build resumes. ``data_card.json`` and ``DATA_CARD.md`` beside it
-describe the data (model, seed, decoding, counts, tie rate, label balance).
+describe the data (model, seed, decoding, counts, tie rate, label balance, and how well
+the targets can rank correctness: :func:`correctness_aurocs`); ``capeval data-card DIR``
+(:func:`describe_folder`) writes them again for a folder built earlier.
 
 Example:
     >>> from langchain_capeval.engines.transformers import TransformersEngine, TransformersEngineConfig
@@ -44,6 +46,7 @@ from langchain_capeval.sampling import SamplingParams
 from langchain_capeval.tasks.base import Task
 from langchain_capeval.tasks.synthetic import build_suite
 from langchain_capeval.training.config import PreferenceDataConfig
+from langchain_capeval.training.metrics import auroc
 
 if TYPE_CHECKING:
     from langchain_capeval.engines.base import Engine
@@ -330,9 +333,71 @@ class PreferenceDataBuilder:
         card = describe(records, self.config, self.engine.model_name)
         if seconds is not None:
             card["build_seconds_last_run"] = round(seconds, 1)
-        (self.output_dir / "data_card.json").write_text(json.dumps(card, indent=2) + "\n")
-        (self.output_dir / "DATA_CARD.md").write_text(render_data_card(card))
+        _write_data_card(self.output_dir, card)
         return card
+
+
+def describe_folder(output_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Describe a built folder again, without an engine; rewrite its data card.
+
+    The settings come from the folder's ``build_config.json`` (and ``epsilon`` from its old
+    card): for data built before the card grew a field, or merged by hand.
+
+    Example:
+        >>> card = describe_folder("results/training/v5-suffix-lora/data")  # doctest: +SKIP
+        >>> card["label_balance"]["auroc_target_for_correctness"]  # doctest: +SKIP
+        0.934
+
+    Raises:
+        FileNotFoundError: The folder has no ``preferences.jsonl`` or no ``build_config.json``.
+
+    """
+    out = Path(output_dir)
+    for name in (DATA_FILE, "build_config.json"):
+        if not (out / name).is_file():
+            raise FileNotFoundError(f"{out} is not a built preference-data folder: it has no {name}")
+    settings = json.loads((out / "build_config.json").read_text())
+    old_path = out / "data_card.json"
+    old = json.loads(old_path.read_text()) if old_path.is_file() else {}
+    given = {k: settings[k] for k in _SAMPLE_FIELDS if k in settings}
+    config = PreferenceDataConfig(output_dir=str(out), epsilon=old.get("epsilon", 0.0), **given)
+    card = describe(read_records(out / DATA_FILE), config, settings.get("engine_model") or str(config.model))
+    if "build_seconds_last_run" in old:
+        card["build_seconds_last_run"] = old["build_seconds_last_run"]
+    _write_data_card(out, card)
+    return card
+
+
+def _write_data_card(output_dir: Path, card: dict[str, Any]) -> None:
+    (output_dir / "data_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    (output_dir / "DATA_CARD.md").write_text(render_data_card(card))
+
+
+def correctness_aurocs(records: Sequence[PromptRecord]) -> dict[str, float | None]:
+    """How well the win-or-tie targets, and prompt difficulty alone, rank the samples' correctness.
+
+    ``auroc_target_for_correctness`` is the AUROC for correctness (reward > 0) of the samples'
+    own targets: what a self-evaluator that predicted its training target exactly would score,
+    so the ceiling of a trained one's correctness AUROC on these prompts. It is below 1 where a
+    prompt's samples are all wrong: they tie each other, so each has target 1, as a right answer
+    has. ``auroc_difficulty_for_correctness`` scores each sample by its prompt's mean target
+    alone (the part of the target that says how hard the prompt is, not which sample is right);
+    below 0.5 means that part, learnt alone, ranks correctness worse than chance.
+
+    Example:
+        >>> s = [SampleRecord(i, 0, [1], "", "eos", r, t) for i, (r, t) in enumerate([(1.0, 1.0), (0.0, 0.0)])]
+        >>> w = [SampleRecord(i, 0, [1], "", "eos", 0.0, 1.0) for i in range(2)]
+        >>> correctness_aurocs([PromptRecord({}, [], s, 0.0), PromptRecord({}, [], w, 1.0)])
+        {'auroc_target_for_correctness': 0.6667, 'auroc_difficulty_for_correctness': 0.1667}
+
+    """
+    rows = [(s.reward > 0, s.target, _mean([x.target for x in r.samples])) for r in records for s in r.samples]
+    correct = [c for c, _, _ in rows]
+    by_target, by_difficulty = auroc([t for _, t, _ in rows], correct), auroc([d for _, _, d in rows], correct)
+    return {
+        "auroc_target_for_correctness": None if by_target is None else round(by_target, 4),
+        "auroc_difficulty_for_correctness": None if by_difficulty is None else round(by_difficulty, 4),
+    }
 
 
 def describe(records: Sequence[PromptRecord], config: PreferenceDataConfig, model_name: str) -> dict[str, Any]:
@@ -340,7 +405,7 @@ def describe(records: Sequence[PromptRecord], config: PreferenceDataConfig, mode
     samples = [s for r in records for s in r.samples]
     targets = [s.target for s in samples]
     prefix_counts: Counter[int] = Counter(k for s in samples for k in s.prefix_lengths)
-    per_family: dict[str, dict[str, float]] = {}
+    per_family: dict[str, dict[str, float | None]] = {}
     for fam in sorted({r.family for r in records}):
         recs = [r for r in records if r.family == fam]
         fs = [s for r in recs for s in r.samples]
@@ -349,6 +414,8 @@ def describe(records: Sequence[PromptRecord], config: PreferenceDataConfig, mode
             "samples": len(fs),
             "accuracy": _mean([s.reward for s in fs]),
             "mean_target": _mean([s.target for s in fs]),
+            "prompts_all_wrong": sum(not any(s.reward > 0 for s in r.samples) for r in recs),
+            **correctness_aurocs(recs),
         }
     solved = [sum(s.reward > 0 for s in r.samples) / max(len(r.samples), 1) for r in records]
     histogram = Counter(min(int(t * 10), 9) for t in targets)
@@ -381,6 +448,7 @@ def describe(records: Sequence[PromptRecord], config: PreferenceDataConfig, mode
             "prompts_all_correct": sum(x == 1.0 for x in solved),
             "prompts_all_wrong": sum(x == 0.0 for x in solved),
             "prompts_mixed": sum(0.0 < x < 1.0 for x in solved),
+            **correctness_aurocs(records),
         },
         "finish_reasons": dict(Counter(str(s.finish_reason) for s in samples)),
         "mean_response_tokens": _mean([float(len(s.token_ids)) for s in samples]),
@@ -412,10 +480,16 @@ def render_data_card(card: dict[str, Any]) -> str:
         f"- Sample accuracy {lb['accuracy']}; prompts all correct {lb['prompts_all_correct']}, "
         f"all wrong {lb['prompts_all_wrong']}, mixed {lb['prompts_mixed']}",
         f"- Finish reasons: {card['finish_reasons']}; mean response tokens {card['mean_response_tokens']}",
+        f"- AUROC for correctness of the win-or-tie targets (the ceiling of a self-evaluator trained on them): "
+        f"{lb.get('auroc_target_for_correctness')}; of prompt difficulty alone (each sample scored by its "
+        f"prompt's mean target): {lb.get('auroc_difficulty_for_correctness')}",
         "",
-        "| family | prompts | samples | accuracy | mean target |",
-        "|---|---:|---:|---:|---:|",
+        "| family | prompts | samples | accuracy | mean target | prompts all wrong | AUROC of targets | "
+        "AUROC of difficulty |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for fam, row in card["per_family"].items():
-        lines.append(f"| {fam} | {row['prompts']} | {row['samples']} | {row['accuracy']} | {row['mean_target']} |")
+        cells = [row["prompts"], row["samples"], row["accuracy"], row["mean_target"], row.get("prompts_all_wrong")]
+        cells += [row.get("auroc_target_for_correctness"), row.get("auroc_difficulty_for_correctness")]
+        lines.append(f"| {fam} | " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
