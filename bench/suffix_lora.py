@@ -20,6 +20,9 @@ sampling anything: a learning curve in minutes (``dev_log`` in ``train_log.json`
 ``--heldout-family F`` puts all of family F in that dev split (a family never trained on).
 ``--target correctness`` trains on the 0/1 reward instead of the win-or-tie target: a
 measurement of what the method's target costs the correctness AUROC, not the method.
+Correctness is each sample's ``correct`` (the checker's verdict), or its 0/1 reward in data
+built before that field; so data relabelled with a graded reward (``capeval relabel``) trains
+on its graded targets and is scored for correctness as before.
 
 Usage:
     python bench/suffix_lora.py train --data results/training/v2/data/preferences.jsonl --out runs/suffix
@@ -115,7 +118,7 @@ def load_examples(
     n-th prompt (0, n, 2n, ...) is held out, with all its samples, and so is every prompt of
     ``heldout_families`` (a family never trained on: issue #4's third goal); a dev row is
     ``(example, its EvalSample to fill, checkpoint)``, checkpoint 0 for the full response.
-    ``target="correctness"`` trains on the 0/1 reward instead of the win-or-tie target: not
+    ``target="correctness"`` trains on correctness instead of the win-or-tie target: not
     the method, a measurement of what the win-or-tie target costs the correctness AUROC
     (docs/training.md section 10); dev samples keep their win-or-tie target either way.
     """
@@ -127,7 +130,8 @@ def load_examples(
         rec = json.loads(line)
         held_out = (dev_every > 0 and i % dev_every == 0) or rec["task"]["family"] in heldout_families
         for s in rec["samples"] if held_out else rec["samples"][:samples_per_prompt]:
-            t, win_or_tie, correct = s["token_ids"], float(s["target"]), s["reward"] > 0
+            t, win_or_tie = s["token_ids"], float(s["target"])
+            correct = s["reward"] > 0 if s.get("correct") is None else bool(s["correct"])
             if not held_out:
                 p = win_or_tie if target == "win_or_tie" else float(correct)
                 examples.append(chunk_example(rec["prompt_ids"], t, p, fmt))

@@ -2,9 +2,10 @@
 
 The paper labels on-policy samples with an external reward model (ArmoRM) used
 only to build preference data. A :class:`RewardSource` scores a batch of
-(prompt, response) pairs; three sources share that interface:
+(prompt, response) pairs; these sources share that interface:
 
-- :class:`VerifiableReward`: 1.0 if the task's checker accepts the response, else 0.0.
+- :class:`VerifiableReward`: 1.0 if the task's checker accepts the response, else 0.0;
+  :class:`PartialCreditReward` grades the wrong ones below 0.5 by how near they are.
 - :class:`CallableReward`: any Python function ``fn(prompt, response) -> float``.
 - :class:`RewardModel`: a Hugging Face sequence-classification model from a local
   folder (ArmoRM or any ``AutoModelForSequenceClassification``), configured by
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from langchain_capeval.errors import InvalidRewardError, ModelNotInstalledError
-from langchain_capeval.tasks.answers import check
+from langchain_capeval.tasks.answers import check, partial_credit
 from langchain_capeval.tasks.base import Task
 
 if TYPE_CHECKING:
@@ -104,13 +105,37 @@ class VerifiableReward:
         """
         _check_batch(prompts, responses, tasks)
         if tasks is None:
-            raise InvalidRewardError("VerifiableReward needs the task of every response: pass tasks=[...]")
+            raise InvalidRewardError(f"{type(self).__name__} needs the task of every response: pass tasks=[...]")
         out: list[float] = []
         for i, (task, response) in enumerate(zip(tasks, responses, strict=True)):
             if not isinstance(task, Task):
-                raise InvalidRewardError(f"VerifiableReward needs a Task for every response; tasks[{i}] is {task!r}")
-            out.append(1.0 if check(task, response) else 0.0)
+                name = type(self).__name__
+                raise InvalidRewardError(f"{name} needs a Task for every response; tasks[{i}] is {task!r}")
+            out.append(self.reward(task, response))
         return out
+
+    def reward(self, task: Task, response: str) -> float:
+        """The reward of one response to ``task``."""
+        return 1.0 if check(task, response) else 0.0
+
+
+class PartialCreditReward(VerifiableReward):
+    """1.0 when the checker accepts the response, else partial credit below 0.5 for near misses.
+
+    A graded verifiable reward (:func:`langchain_capeval.tasks.answers.partial_credit`): wrong
+    answers stop tying each other, so on a prompt the model never solves, the win-or-tie
+    targets rank near misses above far ones instead of all being 1. Keep the tie margin
+    ``epsilon`` below 0.5, or a near miss ties a right answer.
+
+    Example:
+        >>> t = Task(id="add1/3+4", family="add1", prompt="What is 3 + 4?", answer="7")
+        >>> PartialCreditReward().score([t.prompt] * 3, ["7", "8", "I can't say."], [t] * 3)
+        [1.0, 0.4375, 0.0]
+    """
+
+    def reward(self, task: Task, response: str) -> float:
+        """The partial credit of one response to ``task``."""
+        return partial_credit(task, response)
 
 
 class CallableReward:

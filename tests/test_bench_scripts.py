@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from langchain_capeval.chat_format import ChatFormat
+from langchain_capeval.training.dataset import relabel_folder
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -93,6 +94,34 @@ def test_suffix_lora_correctness_target_is_the_reward(chat_format: ChatFormat) -
     assert by_target["correctness"][1] == by_target["win_or_tie"][1]  # dev rows keep the win-or-tie target
     with pytest.raises(ValueError, match="target must be one of"):
         suffix_lora.load_examples(str(data), chat_format, 4, target="reward")
+
+
+def test_suffix_lora_trains_on_relabelled_targets(chat_format: ChatFormat, tmp_path: Path) -> None:
+    """Data relabelled with partial credit: graded win-or-tie targets, correctness still the checker's."""
+    spec = importlib.util.spec_from_file_location("suffix_lora", BENCH / "suffix_lora.py")
+    assert spec is not None and spec.loader is not None
+    suffix_lora = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suffix_lora)
+    v2 = Path(__file__).resolve().parents[1] / "results/training/v2/data"
+    src = tmp_path / "src"
+    src.mkdir()
+    src.joinpath("preferences.jsonl").write_text(
+        "\n".join(v2.joinpath("preferences.jsonl").read_text().splitlines()[:12])
+    )
+    src.joinpath("build_config.json").write_text(v2.joinpath("build_config.json").read_text())
+    relabel_folder(src, tmp_path / "graded", "partial_credit")
+    graded = [json.loads(line) for line in (tmp_path / "graded/preferences.jsonl").read_text().splitlines()]
+    examples, dev = suffix_lora.load_examples(str(tmp_path / "graded/preferences.jsonl"), chat_format, 4, dev_every=3)
+    plain, plain_dev = suffix_lora.load_examples(str(src / "preferences.jsonl"), chat_format, 4, dev_every=3)
+    kept = [s for i, r in enumerate(graded) if i % 3 for s in r["samples"][:4]]
+    assert [e[:2] for e in examples] == [e[:2] for e in plain]  # the same examples, other targets
+    assert [e[2] for e in examples] == [s["target"] for s in kept] != [e[2] for e in plain]
+    assert any(0.0 < s["reward"] < 1.0 for s in kept)  # wrong answers with partial credit: not counted right
+    assert [row[1].correct for row in dev] == [row[1].correct for row in plain_dev]
+    examples, _ = suffix_lora.load_examples(
+        str(tmp_path / "graded/preferences.jsonl"), chat_format, 4, dev_every=3, target="correctness"
+    )
+    assert [e[2] for e in examples] == [float(s["correct"]) for s in kept]
 
 
 @pytest.mark.parametrize("script", sorted(RUNS))

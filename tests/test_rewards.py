@@ -10,6 +10,7 @@ from langchain_capeval.errors import InvalidRewardError, ModelNotInstalledError
 from langchain_capeval.preferences import outcome, pairwise_preferences, tie_rate, win_or_tie_targets
 from langchain_capeval.rewards import (
     CallableReward,
+    PartialCreditReward,
     RewardModel,
     RewardModelConfig,
     RewardSource,
@@ -251,3 +252,17 @@ def test_verifiable_targets_end_to_end() -> None:
     rewards = VerifiableReward().score([task.prompt] * 4, responses, [task] * 4)
     assert rewards == [1.0, 0.0, 1.0, 0.0]
     assert win_or_tie_targets(rewards, epsilon=0.0) == [1.0, 1 / 3, 1.0, 1 / 3]
+
+
+def test_partial_credit_reward_separates_wrong_answers_that_the_checker_ties() -> None:
+    task = Task(id="add1/3+9", family="add1", prompt="What is 3 + 9?", answer="12")
+    responses = ["3 + 9 = 13", "3 + 9 = 27", "I can't say.", "3 + 9 = 12."]
+    graded = PartialCreditReward().score([task.prompt] * 4, responses, [task] * 4)
+    assert isinstance(PartialCreditReward(), RewardSource)
+    assert graded[3] == 1.0 and graded[0] > graded[1] > graded[2] == 0.0
+    # on a prompt no sample solves, the 0/1 reward gives every sample target 1; graded, they spread
+    wrong = responses[:3]
+    assert win_or_tie_targets(VerifiableReward().score([task.prompt] * 3, wrong, [task] * 3), 0.0) == [1.0] * 3
+    assert win_or_tie_targets(PartialCreditReward().score([task.prompt] * 3, wrong, [task] * 3), 0.0) == [1.0, 0.5, 0.0]
+    with pytest.raises(InvalidRewardError, match=r"PartialCreditReward needs the task"):
+        PartialCreditReward().score(["q"], ["a"])

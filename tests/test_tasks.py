@@ -8,6 +8,7 @@ import pytest
 
 from langchain_capeval.errors import DataNotFoundError, InvalidTaskError, UnknownTaskFamilyError
 from langchain_capeval.tasks import FAMILIES, Task, build_suite, check, extract_number, find_gsm8k_dir, load_gsm8k
+from langchain_capeval.tasks.answers import PARTIAL_CREDIT_MAX, partial_credit
 from langchain_capeval.tasks.gsm8k import GSM8K_DIR_ENV, final_answer
 from langchain_capeval.tasks.synthetic import get_family
 
@@ -324,6 +325,41 @@ def test_every_family_accepts_its_answer_in_typical_phrasings(name: str) -> None
         assert not check(t, wrong), (t.id, wrong)
         if t.kind == "fact":
             assert not check(t, f"{t.answer} or {t.distractors[0]}"), t.id
+
+
+# --- partial credit ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_partial_credit_is_one_exactly_when_the_checker_accepts(name: str) -> None:
+    splits = build_suite([name], n_per_family=20, seed=3)
+    for t in splits.train + splits.test:
+        for response in (
+            f"The answer is {t.answer}.",
+            f"{t.answer} or {t.distractors[0]}" if t.distractors else "I do not know.",
+            "The answer is 1000003.",
+            "I do not know.",
+            f"It is {t.distractors[-1]}." if t.distractors else "It is 12.",
+        ):
+            credit = partial_credit(t, response)
+            assert (credit == 1.0) is check(t, response), (t.id, response, credit)
+            assert credit == 1.0 or 0.0 <= credit < PARTIAL_CREDIT_MAX + 1e-12, (t.id, response, credit)
+
+
+def test_partial_credit_ranks_near_misses_above_far_ones() -> None:
+    add = Task(id="add1/3+9", family="add1", prompt="What is 3 + 9?", answer="12")
+    credits = [partial_credit(add, r) for r in ("3 + 9 = 12", "3 + 9 = 11", "3 + 9 = 15", "3 + 9 = 99", "Hmm.")]
+    assert credits[0] == 1.0 and credits[1] > credits[2] > credits[3] > credits[4] == 0.0
+    # the distance is relative to the answer's size, so a GSM8K answer off by 1 is a near miss
+    cot = Task(id="gsm8k/1", family="gsm8k", prompt="...", answer="1200", kind="cot_number")
+    assert partial_credit(cot, "#### 1199") > partial_credit(add, "3 + 9 = 11")
+    capital = task_of("capitals", "venezuela")
+    near, far = partial_credit(capital, "It is Caracupem."), partial_credit(capital, "It is Lima.")
+    assert 0.0 < far < near < PARTIAL_CREDIT_MAX
+    legs = task_of("animal_legs", "dog")  # a fact whose answer is a number: graded by distance
+    assert partial_credit(legs, "A dog has 3 legs.") > partial_credit(legs, "A dog has 10 legs.") > 0.0
+    larger = get_family("compare").task(0)
+    assert partial_credit(larger, f"{larger.distractors[0]} is larger.") == 0.0
 
 
 # --- GSM8K ------------------------------------------------------------------------------------

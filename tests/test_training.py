@@ -19,8 +19,9 @@ from langchain_capeval.cli import main as capeval_main
 from langchain_capeval.engines.transformers import TransformersEngine
 from langchain_capeval.models import load_model
 from langchain_capeval.preferences import win_or_tie_targets
+from langchain_capeval.rewards import PartialCreditReward
 from langchain_capeval.sampling import SamplingParams
-from langchain_capeval.tasks import build_suite
+from langchain_capeval.tasks import Task, build_suite, check
 from langchain_capeval.training.cli import add_training_commands, config_from_args
 from langchain_capeval.training.config import PreferenceDataConfig, SelfEvalEvalConfig, SelfEvalTrainingConfig
 from langchain_capeval.training.dataset import (
@@ -105,6 +106,57 @@ def test_data_card_reports_what_the_targets_can_rank(tmp_path: Path, capsys: pyt
     assert "AUROC of targets" in (tmp_path / "DATA_CARD.md").read_text()
     assert capeval_main(["data-card", str(tmp_path / "missing")]) == 2  # a clear error, not a traceback
     assert "has no preferences.jsonl" in capsys.readouterr().err
+
+
+def test_relabel_scores_the_same_samples_with_another_reward(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``capeval relabel``: same samples, graded rewards and their targets, a card and settings that say so."""
+    v2 = Path(__file__).resolve().parents[1] / "results/training/v2/data"
+    src = tmp_path / "src"
+    src.mkdir()
+    src.joinpath("preferences.jsonl").write_text(
+        "\n".join(v2.joinpath("preferences.jsonl").read_text().splitlines()[:8])
+    )
+    src.joinpath("build_config.json").write_text(v2.joinpath("build_config.json").read_text())
+    out = tmp_path / "graded"
+    assert capeval_main(["relabel", str(src), "--output-dir", str(out), "--reward", "partial_credit"]) == 0
+    assert json.loads(capsys.readouterr().out)["reward"].startswith("partial_credit")
+    before, after = read_records(src / "preferences.jsonl"), read_records(out / "preferences.jsonl")
+    assert [r.task for r in after] == [r.task for r in before]
+    for old, new in zip(before, after, strict=True):
+        task = Task(**new.task)
+        texts = [x.text for x in new.samples]
+        rewards = PartialCreditReward().score([task.prompt] * len(texts), texts, [task] * len(texts))
+        assert [x.reward for x in new.samples] == rewards
+        assert [x.target for x in new.samples] == win_or_tie_targets(rewards, 0.0)
+        assert [x.correct for x in new.samples] == [x.reward > 0 for x in old.samples]  # the 0/1 checker's verdict
+        assert [(x.token_ids, x.text, x.seed, x.prefix_lengths) for x in new.samples] == [
+            (x.token_ids, x.text, x.seed, x.prefix_lengths) for x in old.samples
+        ]
+    card = json.loads((out / "data_card.json").read_text())
+    old_card = correctness_aurocs(before)
+    old_rewards = [x.reward for r in before for x in r.samples]
+    assert card["label_balance"]["accuracy"] == round(sum(old_rewards) / len(old_rewards), 4)
+    assert card["label_balance"]["auroc_target_for_correctness"] >= old_card["auroc_target_for_correctness"]  # type: ignore[operator]
+    settings = json.loads((out / "build_config.json").read_text())
+    assert (settings["reward"], settings["epsilon"], settings["seed"]) == ("partial_credit", 0.0, 0)
+    assert capeval_main(["data-card", str(out)]) == 0  # the card is rebuilt from the recorded reward
+    assert json.loads(capsys.readouterr().out)["label_balance"] == card["label_balance"]
+    assert capeval_main(["relabel", str(src), "--output-dir", str(out), "--reward", "verifiable"]) == 2
+    assert "already holds preference data" in capsys.readouterr().err
+    assert (
+        capeval_main(["relabel", str(tmp_path / "none"), "--output-dir", str(tmp_path / "x"), "--reward", "verifiable"])
+        == 2
+    )
+    assert "has no preferences.jsonl" in capsys.readouterr().err
+    assert (
+        capeval_main(
+            ["relabel", str(src), "--output-dir", str(tmp_path / "y"), "--reward", "partial_credit", "--epsilon", "0.5"]
+        )
+        == 2
+    )
+    assert "would tie near misses" in capsys.readouterr().err
 
 
 def test_best_of_n_and_summary() -> None:
@@ -227,17 +279,18 @@ def test_packed_sequence_matches_the_engine(engine: TransformersEngine) -> None:
     assert packed == pytest.approx(expected, abs=2e-4)
 
 
-def _build(engine: TransformersEngine, out: Path, prompts: int) -> PreferenceDataBuilder:
-    cfg = PreferenceDataConfig(
-        output_dir=str(out),
-        families=("add1", "capitals"),
-        max_prompts_per_family=prompts,
-        num_samples=4,
-        max_new_tokens=12,
-        prefix_lengths=(4, 8),
-        prefixes_per_sample=2,
-        prompts_per_batch=2,
-    )
+def _build(engine: TransformersEngine, out: Path, prompts: int, **settings: object) -> PreferenceDataBuilder:
+    tiny: dict[str, object] = {
+        "output_dir": str(out),
+        "families": ("add1", "capitals"),
+        "max_prompts_per_family": prompts,
+        "num_samples": 4,
+        "max_new_tokens": 12,
+        "prefix_lengths": (4, 8),
+        "prefixes_per_sample": 2,
+        "prompts_per_batch": 2,
+    }
+    cfg = PreferenceDataConfig.model_validate(tiny | settings)
     return PreferenceDataBuilder(engine, cfg)
 
 
@@ -262,6 +315,8 @@ def test_data_builder_resumes_without_duplicates(engine: TransformersEngine, tmp
         assert all(0.0 <= s.target <= 1.0 and all(k < len(s.token_ids) for k in s.prefix_lengths) for s in r.samples)
         rewards = [s.reward for s in r.samples]
         assert [s.target for s in r.samples] == win_or_tie_targets(rewards, 0.0)
+        assert [s.correct for s in r.samples] == [check(Task(**r.task), s.text) for s in r.samples]
+        assert [s.is_correct for s in r.samples] == [s.reward > 0 for s in r.samples]
     assert engine.live_rows == 0
     with_prefixes = build_examples(records, engine.chat_format)
     full_only = build_examples(records, engine.chat_format, prefixes=False)
@@ -276,6 +331,33 @@ def test_data_builder_resumes_without_duplicates(engine: TransformersEngine, tmp
     other = PreferenceDataConfig(output_dir=str(tmp_path), temperature=0.3)
     with pytest.raises(ValueError, match="other settings"):
         PreferenceDataBuilder(engine, other).build(tasks=[], progress=False)
+    with pytest.raises(ValueError, match="'reward': \\('verifiable', 'partial_credit'\\)"):  # labels too
+        _build(engine, tmp_path, prompts=2, reward="partial_credit").build(tasks=[], progress=False)
+
+
+def test_data_builder_with_partial_credit(engine: TransformersEngine, tmp_path: Path) -> None:
+    """``reward="partial_credit"``: graded rewards give the targets; accuracy is still the checker's."""
+    builder = _build(engine, tmp_path, prompts=2, reward="partial_credit", max_new_tokens=16)
+    assert isinstance(builder.reward, PartialCreditReward) and builder.reward_name == "partial_credit"
+    card = builder.build(progress=False)
+    records = read_records(builder.path)
+    samples = [s for r in records for s in r.samples]
+    for r in records:
+        task = Task(**r.task)
+        assert [s.reward for s in r.samples] == PartialCreditReward().score(
+            [task.prompt] * 4, [s.text for s in r.samples], [task] * 4
+        )
+        assert [s.target for s in r.samples] == win_or_tie_targets([s.reward for s in r.samples], 0.0)
+        assert [s.correct for s in r.samples] == [s.reward == 1.0 for s in r.samples]
+    assert any(0.0 < s.reward < 1.0 for s in samples)  # graded wrong answers, which 0/1 would tie
+    accuracy = round(sum(bool(s.correct) for s in samples) / len(samples), 4)
+    assert card["label_balance"]["accuracy"] == accuracy != round(sum(s.reward for s in samples) / len(samples), 4)
+    assert card["reward"].startswith("partial_credit")
+    assert json.loads((tmp_path / "build_config.json").read_text())["reward"] == "partial_credit"
+    custom = PreferenceDataBuilder(engine, builder.config, reward=PartialCreditReward())
+    assert custom.reward_name == "partial_credit"
+    with pytest.raises(ValueError, match=r"epsilon=0\.5 would tie near misses"):
+        PreferenceDataConfig(reward="partial_credit", epsilon=0.5)
 
 
 def test_end_to_end_tiny_pipeline(engine: TransformersEngine, tmp_path: Path) -> None:
@@ -363,6 +445,9 @@ def test_cli_flags_come_from_the_configs() -> None:
     )
     cfg = config_from_args(PreferenceDataConfig, ns)
     assert (cfg.families, cfg.max_prompts_per_family, cfg.epsilon) == (("add1", "sub1"), 3, 0.1)
+    assert config_from_args(
+        PreferenceDataConfig, parser.parse_args(["build-data", "--reward", "partial_credit"])
+    ).reward == ("partial_credit")
     ns = parser.parse_args(["train", "--no-pack-prefixes", "--regularizer", "kl", "--target-modules", "q_proj,v_proj"])
     train = config_from_args(SelfEvalTrainingConfig, ns)
     assert (train.pack_prefixes, train.regularizer, train.target_modules) == (False, "kl", ("q_proj", "v_proj"))

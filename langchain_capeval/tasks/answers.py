@@ -50,6 +50,7 @@ import re
 import unicodedata
 from collections.abc import Collection
 from decimal import Decimal
+from difflib import SequenceMatcher
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -224,3 +225,60 @@ def check(task: Task, response: str) -> bool:
         return larger_claim(response, (answer, other)) == answer
     skip = set(numbers(task.prompt)) if task.kind == "number" else set()
     return extract_number(response, skip=skip) == answer
+
+
+PARTIAL_CREDIT_MAX = 0.5
+"""The most a wrong response earns in :func:`partial_credit`; a right one earns 1.0."""
+
+
+def _closeness(response: str, forms: Collection[str]) -> float:
+    """Best character similarity in [0, 1] between a form and a same-length word span of the response."""
+    words = normalize(response).split()
+    best = 0.0
+    for form in forms:
+        target = normalize(form)
+        k = len(target.split())
+        for i in range(max(1, len(words) - k + 1)):
+            best = max(best, SequenceMatcher(None, target, " ".join(words[i : i + k])).ratio())
+    return best
+
+
+def partial_credit(task: Task, response: str) -> float:
+    """A graded reward: 1.0 for a right response, less for a wrong one the nearer it is.
+
+    The checker's 0/1 makes every wrong answer to a prompt tie with every other, so on a
+    prompt no sample solves every sample's win-or-tie target is 1, as a right answer's is
+    (docs/training.md section 10). A graded reward, as the paper's reward model gives,
+    separates near misses from far ones. A wrong response earns at most
+    :data:`PARTIAL_CREDIT_MAX` (so it never ties a right one under a tie margin below 0.5):
+
+    - a numeric answer (kinds ``"number"``, ``"cot_number"``, and ``"fact"`` answers that are
+      numbers): ``0.5 / (1 + |read - answer| / max(1, |answer|))``, 0 if no number is read;
+    - a ``"fact"`` answer in words: 0.5 x the best character similarity
+      (:class:`difflib.SequenceMatcher` ratio) between the answer or an alias and a span of
+      the response with as many words ("Caracupem" is nearer "Caracas" than "Lima" is);
+    - ``"larger"``: 0 (the only wrong answer is the other number).
+
+    Example:
+        >>> from langchain_capeval.tasks.base import Task
+        >>> t = Task(id="add1/3+4", family="add1", prompt="What is 3 + 4?", answer="7")
+        >>> [round(partial_credit(t, r), 3) for r in ("3 + 4 = 7", "3 + 4 = 8", "3 + 4 = 12", "No idea.")]
+        [1.0, 0.438, 0.292, 0.0]
+        >>> c = Task(id="capitals/venezuela", family="capitals", prompt="What is the capital of Venezuela?",
+        ...          answer="Caracas", kind="fact", distractors=("Lima",))
+        >>> partial_credit(c, "It is Caracupem.") > partial_credit(c, "It is Lima.")
+        True
+
+    """
+    if check(task, response):
+        return 1.0
+    if task.kind == "larger":
+        return 0.0
+    answer = parse_decimal(task.answer)
+    if answer is None:  # a fact in words
+        return PARTIAL_CREDIT_MAX * _closeness(response, (task.answer, *task.aliases))
+    skip = set(numbers(task.prompt)) if task.kind == "number" else set()
+    read = extract_number(response, skip=skip)
+    if read is None:
+        return 0.0
+    return PARTIAL_CREDIT_MAX / (1.0 + float(abs(read - answer)) / max(1.0, float(abs(answer))))

@@ -1,10 +1,11 @@
-"""The training commands of ``capeval``: ``build-data``, ``train``, ``eval-selfeval``.
+"""The training commands of ``capeval``: ``build-data``, ``data-card``, ``relabel``, ``train``, ``eval-selfeval``.
 
 Every flag is generated from a config field (its type from the annotation, its help from
 the field's docstring), so the command line and the Python API cannot drift apart.
 
 Example:
     $ capeval build-data --max-prompts-per-family 24 --num-threads 1
+    $ capeval relabel results/training/data --output-dir /tmp/graded --reward partial_credit
     $ capeval train --data results/training/data/preferences.jsonl --output-dir /tmp/adapter
     $ capeval eval-selfeval --adapter /tmp/adapter --output-dir /tmp/eval
 
@@ -20,7 +21,12 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel
 
-from langchain_capeval.training.config import PreferenceDataConfig, SelfEvalEvalConfig, SelfEvalTrainingConfig
+from langchain_capeval.training.config import (
+    PreferenceDataConfig,
+    RewardName,
+    SelfEvalEvalConfig,
+    SelfEvalTrainingConfig,
+)
 
 C = TypeVar("C", bound=BaseModel)
 
@@ -114,6 +120,15 @@ def cmd_data_card(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_relabel(ns: argparse.Namespace) -> int:
+    """Score a built folder's samples again with another reward, into a new folder (no sampling)."""
+    from langchain_capeval.training.dataset import relabel_folder
+
+    card = relabel_folder(ns.source_dir, ns.output_dir, ns.reward, ns.epsilon)
+    print(json.dumps({"reward": card["reward"], "label_balance": card["label_balance"]}, indent=2))
+    return 0
+
+
 def cmd_train(ns: argparse.Namespace) -> int:
     """Train a self-evaluation LoRA and save it."""
     from langchain_capeval.training.trainer import SelfEvalTrainer
@@ -139,7 +154,7 @@ def cmd_eval_selfeval(ns: argparse.Namespace) -> int:
 
 
 def add_training_commands(subparsers: Any) -> None:
-    """Register ``build-data``, ``data-card``, ``train`` and ``eval-selfeval`` on a ``capeval`` subparsers object.
+    """Register ``build-data``, ``data-card``, ``relabel``, ``train`` and ``eval-selfeval`` on ``capeval``'s subparsers.
 
     Example:
         >>> parser = argparse.ArgumentParser(prog="capeval")
@@ -162,3 +177,13 @@ def add_training_commands(subparsers: Any) -> None:
     )
     card.add_argument("output_dir", help="the folder build-data wrote (preferences.jsonl, build_config.json)")
     card.set_defaults(func=cmd_data_card)
+    relabel = subparsers.add_parser(
+        "relabel",
+        help="score a built data folder again with another reward (no sampling)",
+        description=cmd_relabel.__doc__,
+    )
+    relabel.add_argument("source_dir", help="the folder build-data wrote")
+    relabel.add_argument("--output-dir", required=True, help="a new folder for the relabelled data and its card")
+    relabel.add_argument("--reward", required=True, choices=get_args(RewardName), help="the reward to score with")
+    relabel.add_argument("--epsilon", type=float, default=0.0, help="largest reward gap that counts as a tie")
+    relabel.set_defaults(func=cmd_relabel)

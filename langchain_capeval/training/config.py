@@ -43,6 +43,7 @@ LLAMA_LORA_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "
 """Attention and MLP projections of a Llama-style model: the LoRA targets vLLM accepts."""
 
 Split = Literal["train", "dev", "test"]
+RewardName = Literal["verifiable", "partial_credit"]
 
 
 def _known_families(families: tuple[str, ...]) -> tuple[str, ...]:
@@ -107,6 +108,10 @@ class PreferenceDataConfig(_Config):
     epsilon: float = Field(default=0.0, ge=0.0)
     """Largest reward gap that counts as a tie."""
 
+    reward: RewardName = "verifiable"
+    """How samples are scored: verifiable (the answer checker, 1 or 0) or partial_credit (1 if right, else below
+    0.5 the nearer the answer); a reward source passed to the builder in Python overrides it."""
+
     prefix_lengths: tuple[int, ...] = (8, 16, 32, 64)
     """Truncation lengths (tokens) for mid-generation examples; a length is used only if the response is longer."""
 
@@ -121,6 +126,17 @@ class PreferenceDataConfig(_Config):
 
     _check_families = field_validator("families")(classmethod(lambda cls, v: _known_families(v)))
     _check_prefixes = field_validator("prefix_lengths")(classmethod(lambda cls, v: _lengths(v)))
+
+    @model_validator(mode="after")
+    def _tie_margin_below_partial_credit(self) -> PreferenceDataConfig:
+        from langchain_capeval.tasks.answers import PARTIAL_CREDIT_MAX
+
+        if self.reward == "partial_credit" and self.epsilon >= 1.0 - PARTIAL_CREDIT_MAX:
+            raise ValueError(
+                f"epsilon={self.epsilon} would tie near misses (partial credit up to {PARTIAL_CREDIT_MAX}) with "
+                f"right answers (1.0); use epsilon < {1.0 - PARTIAL_CREDIT_MAX} with reward='partial_credit'"
+            )
+        return self
 
 
 class SelfEvalTrainingConfig(_Config):

@@ -36,13 +36,14 @@ import random
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from langchain_capeval.preferences import tie_rate, win_or_tie_targets
-from langchain_capeval.rewards import RewardSource, VerifiableReward
+from langchain_capeval.rewards import PartialCreditReward, RewardSource, VerifiableReward
 from langchain_capeval.sampling import SamplingParams
+from langchain_capeval.tasks.answers import check
 from langchain_capeval.tasks.base import Task
 from langchain_capeval.tasks.synthetic import build_suite
 from langchain_capeval.training.config import PreferenceDataConfig
@@ -59,6 +60,20 @@ DATA_FILE = "preferences.jsonl"
 _SAMPLE_FIELDS = ("model", "seed", "num_samples", "temperature", "top_p", "max_new_tokens", "n_per_family", "split")
 """Config fields that change the samples: a resumed build must keep them."""
 
+_LABEL_FIELDS = ("reward", "epsilon")
+"""Config fields that change the labels: a resumed build must keep them too (absent in older folders: the defaults)."""
+
+REWARD_SOURCES: dict[str, type[VerifiableReward]] = {
+    "verifiable": VerifiableReward,
+    "partial_credit": PartialCreditReward,
+}
+"""The reward sources ``PreferenceDataConfig.reward`` names."""
+
+_REWARD_TEXT = {
+    "verifiable": "verifiable (task answer checker, 1.0 or 0.0)",
+    "partial_credit": "partial_credit (1.0 if the checker accepts, else below 0.5 the nearer the answer)",
+}
+
 
 @dataclass
 class SampleRecord:
@@ -73,6 +88,8 @@ class SampleRecord:
         reward: Its reward.
         target: Win-or-tie target: fraction of the other samples it beats or ties.
         prefix_lengths: Truncation lengths (each shorter than the response) that inherit ``target``.
+        correct: Whether the task's checker accepts it, whatever the reward (``None`` in data built
+            before this field, where the reward was the checker's: see :attr:`is_correct`).
 
     """
 
@@ -84,6 +101,12 @@ class SampleRecord:
     reward: float
     target: float
     prefix_lengths: list[int] = field(default_factory=list)
+    correct: bool | None = None
+
+    @property
+    def is_correct(self) -> bool:
+        """Whether the sample is right: ``correct``, or for older data its 0/1 reward."""
+        return self.reward > 0 if self.correct is None else self.correct
 
 
 @dataclass
@@ -201,16 +224,23 @@ class PreferenceDataBuilder:
     Args:
         engine: The engine to sample from (its model must be the one to train, without a self-evaluation adapter).
         config: What to build.
-        reward: Scores the samples; the default :class:`~langchain_capeval.rewards.VerifiableReward` checks answers.
+        reward: Scores the samples; ``None`` uses the source ``config.reward`` names (by default
+            :class:`~langchain_capeval.rewards.VerifiableReward`, the answer checker).
 
     """
 
     def __init__(self, engine: Engine, config: PreferenceDataConfig, reward: RewardSource | None = None) -> None:
         self.engine = engine
         self.config = config
-        self.reward: RewardSource = reward or VerifiableReward()
+        self.reward: RewardSource = reward or REWARD_SOURCES[config.reward]()
         self.output_dir = Path(config.output_dir)
         self.path = self.output_dir / DATA_FILE
+
+    @property
+    def reward_name(self) -> str:
+        """``config.reward`` when the builder scores with that source, else the source's class name."""
+        named = self.config.reward
+        return named if type(self.reward) is REWARD_SOURCES[named] else type(self.reward).__name__
 
     def tasks(self) -> list[Task]:
         """Return the prompts of the config: the split of the suite, capped per family, families interleaved."""
@@ -302,6 +332,7 @@ class PreferenceDataBuilder:
                             reward=rewards[j],
                             target=targets[j],
                             prefix_lengths=prefixes[j],
+                            correct=check(task, s.text),
                         )
                         for j, s in enumerate(got)
                     ],
@@ -314,10 +345,15 @@ class PreferenceDataBuilder:
     def _check_settings(self) -> None:
         """Record the sampling settings on the first run; refuse to resume with different ones."""
         settings_path = self.output_dir / "build_config.json"
-        mine = {k: v for k, v in self.config.model_dump(mode="json").items() if k in _SAMPLE_FIELDS}
+        fields = (*_SAMPLE_FIELDS, *_LABEL_FIELDS)
+        mine = {k: v for k, v in self.config.model_dump(mode="json").items() if k in fields}
         mine["engine_model"] = self.engine.model_name
+        mine["reward"] = self.reward_name
         if settings_path.is_file():
             theirs = json.loads(settings_path.read_text())
+            defaults = PreferenceDataConfig().model_dump(mode="json")
+            for k in _LABEL_FIELDS:
+                theirs.setdefault(k, defaults[k])
             diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
             if diff:
                 raise ValueError(
@@ -330,7 +366,7 @@ class PreferenceDataBuilder:
     def data_card(self, seconds: float | None = None) -> dict[str, Any]:
         """Describe the data in the file; write ``data_card.json`` and ``DATA_CARD.md``."""
         records = read_records(self.path)
-        card = describe(records, self.config, self.engine.model_name)
+        card = describe(records, self.config, self.engine.model_name, self.reward_name)
         if seconds is not None:
             card["build_seconds_last_run"] = round(seconds, 1)
         _write_data_card(self.output_dir, card)
@@ -360,10 +396,67 @@ def describe_folder(output_dir: str | os.PathLike[str]) -> dict[str, Any]:
     old_path = out / "data_card.json"
     old = json.loads(old_path.read_text()) if old_path.is_file() else {}
     given = {k: settings[k] for k in _SAMPLE_FIELDS if k in settings}
-    config = PreferenceDataConfig(output_dir=str(out), epsilon=old.get("epsilon", 0.0), **given)
-    card = describe(read_records(out / DATA_FILE), config, settings.get("engine_model") or str(config.model))
+    given["epsilon"] = settings.get("epsilon", old.get("epsilon", 0.0))
+    named = settings.get("reward", "verifiable")
+    if named in REWARD_SOURCES:
+        given["reward"] = named
+    config = PreferenceDataConfig(output_dir=str(out), **given)
+    card = describe(read_records(out / DATA_FILE), config, settings.get("engine_model") or str(config.model), named)
     if "build_seconds_last_run" in old:
         card["build_seconds_last_run"] = old["build_seconds_last_run"]
+    _write_data_card(out, card)
+    return card
+
+
+def relabel_folder(
+    source_dir: str | os.PathLike[str], output_dir: str | os.PathLike[str], reward: str, epsilon: float = 0.0
+) -> dict[str, Any]:
+    """Score a built folder's samples again with another reward; write them, relabelled, to a new folder.
+
+    Sampling is the expensive part of the data; rewards and targets are cheap. The samples
+    (tokens, texts, seeds, prefix lengths) are copied as they are; each sample's reward,
+    win-or-tie target and ``correct`` and each prompt's tie rate are computed anew, and the
+    new folder's ``build_config.json`` records the reward and ``epsilon`` (so ``build-data``
+    can resume it with the same labelling) and its data card describes the new labels.
+
+    Example:
+        >>> card = relabel_folder("results/training/v5-suffix-lora/data", "runs/pc", "partial_credit")  # doctest: +SKIP
+        >>> card["label_balance"]["auroc_target_for_correctness"]  # doctest: +SKIP
+        0.981
+
+    Raises:
+        FileNotFoundError: ``source_dir`` is not a built folder.
+        ValueError: ``output_dir`` is ``source_dir`` or already holds data; an unknown reward or a bad epsilon.
+
+    """
+    src, out = Path(source_dir), Path(output_dir)
+    for name in (DATA_FILE, "build_config.json"):
+        if not (src / name).is_file():
+            raise FileNotFoundError(f"{src} is not a built preference-data folder: it has no {name}")
+    if out.resolve() == src.resolve() or (out / DATA_FILE).exists():
+        raise ValueError(f"{out} already holds preference data; relabel into a new folder")
+    settings = json.loads((src / "build_config.json").read_text())
+    given = {k: settings[k] for k in _SAMPLE_FIELDS if k in settings}
+    config = PreferenceDataConfig.model_validate(given | {"output_dir": str(out), "reward": reward, "epsilon": epsilon})
+    source = REWARD_SOURCES[config.reward]()
+    records = []
+    for r in read_records(src / DATA_FILE):
+        task = Task(**r.task)
+        texts = [x.text for x in r.samples]
+        rewards = source.score([task.prompt] * len(texts), texts, [task] * len(texts))
+        targets = win_or_tie_targets(rewards, config.epsilon)
+        samples = [
+            replace(x, reward=rw, target=t, correct=check(task, x.text))
+            for x, rw, t in zip(r.samples, rewards, targets, strict=True)
+        ]
+        records.append(replace(r, samples=samples, tie_rate=tie_rate(rewards, config.epsilon)))
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / DATA_FILE).open("w", encoding="utf-8") as f:
+        f.writelines(r.to_json() + "\n" for r in records)
+    mine = {k: v for k, v in config.model_dump(mode="json").items() if k in (*_SAMPLE_FIELDS, *_LABEL_FIELDS)}
+    (out / "build_config.json").write_text(json.dumps(settings | mine, indent=2) + "\n")
+    card = describe(records, config, settings.get("engine_model") or str(config.model))
+    card["relabelled_from"] = str(src)
     _write_data_card(out, card)
     return card
 
@@ -376,7 +469,7 @@ def _write_data_card(output_dir: Path, card: dict[str, Any]) -> None:
 def correctness_aurocs(records: Sequence[PromptRecord]) -> dict[str, float | None]:
     """How well the win-or-tie targets, and prompt difficulty alone, rank the samples' correctness.
 
-    ``auroc_target_for_correctness`` is the AUROC for correctness (reward > 0) of the samples'
+    ``auroc_target_for_correctness`` is the AUROC for correctness (:attr:`SampleRecord.is_correct`) of the samples'
     own targets: what a self-evaluator that predicted its training target exactly would score,
     so the ceiling of a trained one's correctness AUROC on these prompts. It is below 1 where a
     prompt's samples are all wrong: they tie each other, so each has target 1, as a right answer
@@ -391,7 +484,7 @@ def correctness_aurocs(records: Sequence[PromptRecord]) -> dict[str, float | Non
         {'auroc_target_for_correctness': 0.6667, 'auroc_difficulty_for_correctness': 0.1667}
 
     """
-    rows = [(s.reward > 0, s.target, _mean([x.target for x in r.samples])) for r in records for s in r.samples]
+    rows = [(s.is_correct, s.target, _mean([x.target for x in r.samples])) for r in records for s in r.samples]
     correct = [c for c, _, _ in rows]
     by_target, by_difficulty = auroc([t for _, t, _ in rows], correct), auroc([d for _, _, d in rows], correct)
     return {
@@ -400,8 +493,15 @@ def correctness_aurocs(records: Sequence[PromptRecord]) -> dict[str, float | Non
     }
 
 
-def describe(records: Sequence[PromptRecord], config: PreferenceDataConfig, model_name: str) -> dict[str, Any]:
-    """Describe a set of records: what was sampled, how, and how the labels are spread."""
+def describe(
+    records: Sequence[PromptRecord], config: PreferenceDataConfig, model_name: str, reward_name: str | None = None
+) -> dict[str, Any]:
+    """Describe a set of records: what was sampled, how, and how the labels are spread.
+
+    ``reward_name`` is the reward source's name when it is not the one ``config.reward`` names.
+    Accuracy and the correctness AUROCs read :attr:`SampleRecord.is_correct`, not the reward.
+    """
+    reward = reward_name or config.reward
     samples = [s for r in records for s in r.samples]
     targets = [s.target for s in samples]
     prefix_counts: Counter[int] = Counter(k for s in samples for k in s.prefix_lengths)
@@ -412,17 +512,17 @@ def describe(records: Sequence[PromptRecord], config: PreferenceDataConfig, mode
         per_family[fam] = {
             "prompts": len(recs),
             "samples": len(fs),
-            "accuracy": _mean([s.reward for s in fs]),
+            "accuracy": _mean([float(s.is_correct) for s in fs]),
             "mean_target": _mean([s.target for s in fs]),
-            "prompts_all_wrong": sum(not any(s.reward > 0 for s in r.samples) for r in recs),
+            "prompts_all_wrong": sum(not any(s.is_correct for s in r.samples) for r in recs),
             **correctness_aurocs(recs),
         }
-    solved = [sum(s.reward > 0 for s in r.samples) / max(len(r.samples), 1) for r in records]
+    solved = [sum(s.is_correct for s in r.samples) / max(len(r.samples), 1) for r in records]
     histogram = Counter(min(int(t * 10), 9) for t in targets)
     return {
         "model": model_name,
         "seed": config.seed,
-        "reward": "verifiable (task answer checker, 1.0 or 0.0)",
+        "reward": _REWARD_TEXT.get(reward, reward),
         "epsilon": config.epsilon,
         "decoding": {
             "temperature": config.temperature,
@@ -444,7 +544,7 @@ def describe(records: Sequence[PromptRecord], config: PreferenceDataConfig, mode
             "share_target_1": _mean([float(t == 1.0) for t in targets]),
             "share_target_0": _mean([float(t == 0.0) for t in targets]),
             "target_histogram_deciles": [histogram[i] for i in range(10)],
-            "accuracy": _mean([s.reward for s in samples]),
+            "accuracy": _mean([float(s.is_correct) for s in samples]),
             "prompts_all_correct": sum(x == 1.0 for x in solved),
             "prompts_all_wrong": sum(x == 0.0 for x in solved),
             "prompts_mixed": sum(0.0 < x < 1.0 for x in solved),
