@@ -9,7 +9,8 @@ so that later tests start from a clean engine.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,3 +45,19 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def built_data_folder(tmp_path: Path) -> Callable[[int], Path]:
+    """A factory: a preference-data folder holding the first ``n`` prompts of the committed v2 data."""
+    v2 = Path(__file__).resolve().parents[1] / "results/training/v2/data"
+
+    def make(n: int) -> Path:
+        folder = tmp_path / f"built-{n}"
+        folder.mkdir()
+        lines = v2.joinpath("preferences.jsonl").read_text().splitlines()[:n]
+        folder.joinpath("preferences.jsonl").write_text("\n".join(lines) + "\n")
+        folder.joinpath("build_config.json").write_text(v2.joinpath("build_config.json").read_text())
+        return folder
+
+    return make

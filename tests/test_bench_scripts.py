@@ -11,6 +11,7 @@ import json
 import math
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -96,19 +97,15 @@ def test_suffix_lora_correctness_target_is_the_reward(chat_format: ChatFormat) -
         suffix_lora.load_examples(str(data), chat_format, 4, target="reward")
 
 
-def test_suffix_lora_trains_on_relabelled_targets(chat_format: ChatFormat, tmp_path: Path) -> None:
+def test_suffix_lora_trains_on_relabelled_targets(
+    chat_format: ChatFormat, tmp_path: Path, built_data_folder: Callable[[int], Path]
+) -> None:
     """Data relabelled with partial credit: graded win-or-tie targets, correctness still the checker's."""
     spec = importlib.util.spec_from_file_location("suffix_lora", BENCH / "suffix_lora.py")
     assert spec is not None and spec.loader is not None
     suffix_lora = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(suffix_lora)
-    v2 = Path(__file__).resolve().parents[1] / "results/training/v2/data"
-    src = tmp_path / "src"
-    src.mkdir()
-    src.joinpath("preferences.jsonl").write_text(
-        "\n".join(v2.joinpath("preferences.jsonl").read_text().splitlines()[:12])
-    )
-    src.joinpath("build_config.json").write_text(v2.joinpath("build_config.json").read_text())
+    src = built_data_folder(12)
     relabel_folder(src, tmp_path / "graded", "partial_credit")
     graded = [json.loads(line) for line in (tmp_path / "graded/preferences.jsonl").read_text().splitlines()]
     examples, dev = suffix_lora.load_examples(str(tmp_path / "graded/preferences.jsonl"), chat_format, 4, dev_every=3)

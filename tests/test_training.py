@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -75,12 +76,11 @@ def test_brier_and_ece_hand_computed() -> None:
     assert [(b.count, b.mean_score, b.mean_target) for b in bins] == [(2, 0.2, 0.5), (2, 0.95, 1.0)]
 
 
-def test_data_card_reports_what_the_targets_can_rank(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_data_card_reports_what_the_targets_can_rank(
+    capsys: pytest.CaptureFixture[str], built_data_folder: Callable[[int], Path]
+) -> None:
     """``capeval data-card``: the targets' correctness AUROC (the ceiling) and prompt difficulty's, per family."""
-    v2 = Path(__file__).resolve().parents[1] / "results/training/v2/data"
-    first_eight = v2.joinpath("preferences.jsonl").read_text().splitlines()[:8]
-    (tmp_path / "preferences.jsonl").write_text("\n".join(first_eight) + "\n")
-    (tmp_path / "build_config.json").write_text(v2.joinpath("build_config.json").read_text())
+    tmp_path = built_data_folder(8)
     assert capeval_main(["data-card", str(tmp_path)]) == 0
     printed = json.loads(capsys.readouterr().out)
     card = json.loads((tmp_path / "data_card.json").read_text())
@@ -109,16 +109,10 @@ def test_data_card_reports_what_the_targets_can_rank(tmp_path: Path, capsys: pyt
 
 
 def test_relabel_scores_the_same_samples_with_another_reward(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], built_data_folder: Callable[[int], Path]
 ) -> None:
     """``capeval relabel``: same samples, graded rewards and their targets, a card and settings that say so."""
-    v2 = Path(__file__).resolve().parents[1] / "results/training/v2/data"
-    src = tmp_path / "src"
-    src.mkdir()
-    src.joinpath("preferences.jsonl").write_text(
-        "\n".join(v2.joinpath("preferences.jsonl").read_text().splitlines()[:8])
-    )
-    src.joinpath("build_config.json").write_text(v2.joinpath("build_config.json").read_text())
+    src = built_data_folder(8)
     out = tmp_path / "graded"
     assert capeval_main(["relabel", str(src), "--output-dir", str(out), "--reward", "partial_credit"]) == 0
     assert json.loads(capsys.readouterr().out)["reward"].startswith("partial_credit")
