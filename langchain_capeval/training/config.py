@@ -31,6 +31,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from langchain_capeval.tasks.answers import PARTIAL_CREDIT_MAX
 from langchain_capeval.tasks.synthetic import FAMILIES
 
 HELDOUT_FAMILY = "colors"
@@ -129,8 +130,6 @@ class PreferenceDataConfig(_Config):
 
     @model_validator(mode="after")
     def _tie_margin_below_partial_credit(self) -> PreferenceDataConfig:
-        from langchain_capeval.tasks.answers import PARTIAL_CREDIT_MAX
-
         if self.reward == "partial_credit" and self.epsilon >= 1.0 - PARTIAL_CREDIT_MAX:
             raise ValueError(
                 f"epsilon={self.epsilon} would tie near misses (partial credit up to {PARTIAL_CREDIT_MAX}) with "
