@@ -12,7 +12,9 @@ the loss is the two-way soft cross-entropy on the answer token against the win-o
 
 ``eval``: the section 6 evaluation (same tasks, seeds and sampling) with an engine that
 generates with the base weights and self-evaluates with the adapted ones over the base
-model's cache; writes ``selfeval_eval.json``.
+model's cache (``TransformersEngine(selfeval_model=...)``, what the engine does for any adapter
+whose ``capeval_adapter.json`` says ``"scope": "self_evaluation"``, which ``train`` writes);
+writes ``selfeval_eval.json``.
 
 ``--dev-every 5`` holds every 5th prompt of the data out of training and, every
 ``--eval-every`` steps, scores its samples (all of them, full and at 16 tokens) without
@@ -45,8 +47,8 @@ from typing import Any
 
 import torch
 
+from langchain_capeval.adapters import write_adapter_scope
 from langchain_capeval.chat_format import ChatFormat
-from langchain_capeval.engines.base import RowId, SelfEvaluation
 from langchain_capeval.engines.cpu import run_in_own_thread
 from langchain_capeval.engines.kv_batch import left_padded_chunk
 from langchain_capeval.engines.transformers import TransformersEngine
@@ -269,6 +271,7 @@ def train(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
+    write_adapter_scope(out, "self_evaluation")  # engines then decode with the base weights (adapters.py)
     mean = sum(e[2] for e in examples) / len(examples)
     floor = -sum(e[2] * math.log(mean) + (1 - e[2]) * math.log(1 - mean) for e in examples) / len(examples)
     log = {
@@ -284,22 +287,6 @@ def train(args: argparse.Namespace) -> None:
     (out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
     tail = losses[-20:]
     print(f"mean-target predictor loss {floor:.4f}; last {len(tail)} steps {sum(tail) / len(tail):.4f}")
-
-
-class ChunkAdapterEngine(TransformersEngine):
-    """Generates with the base weights; self-evaluates with ``selfeval_model`` over the base model's cache."""
-
-    def __init__(self, model: Any, tokenizer: Any, selfeval_model: Any, name: str) -> None:
-        super().__init__(model, tokenizer, name=name)
-        self._selfeval_model = selfeval_model
-
-    def _self_evaluate(self, rows: Sequence[RowId]) -> list[SelfEvaluation]:
-        base = self.model  # every model call runs on the scheduler thread, one at a time
-        self.model = self._selfeval_model
-        try:
-            return super()._self_evaluate(rows)
-        finally:
-            self.model = base
 
 
 def evaluate(args: argparse.Namespace) -> None:
@@ -318,7 +305,7 @@ def evaluate(args: argparse.Namespace) -> None:
     trained, heldout = evaluation_tasks(cfg)
     base = run_in_own_thread(lambda: load_model(None))
     adapted = run_in_own_thread(lambda: load_model(None, adapter=args.adapter, cache_merged=False))
-    engine = ChunkAdapterEngine(base.model, base.tokenizer, adapted.model, name="base+chunk-only-lora")
+    engine = TransformersEngine(base.model, base.tokenizer, name="base+chunk-only-lora", selfeval_model=adapted.model)
     start = time.perf_counter()
     samples = collect_self_evaluations(engine, trained + heldout, cfg)
     held = {t.id for t in heldout}

@@ -4,37 +4,109 @@ An adapter trained by :mod:`langchain_capeval.training` makes a model
 capability-aware. It is a plain PEFT LoRA adapter (``adapter_config.json`` +
 ``adapter_model.safetensors``), so vLLM serves it as a ``LoRARequest`` too.
 
+An adapter has a **scope** (:func:`adapter_scope`, from an optional ``capeval_adapter.json``
+in its folder):
+
+- ``"every_token"`` (no such file): trained to run for every token, generation included
+  (``capeval train``, with a regulariser that keeps generation the base model's). Engines merge
+  it into the weights; generation and self-evaluation share one KV cache.
+- ``"self_evaluation"``: trained on the self-evaluation chunk only (the pending last token and
+  the self-evaluation turn), over a KV cache the *base* weights wrote for the prompt and the
+  response (``bench/suffix_lora.py``; docs/training.md sections 8-11). Generation is then the
+  base model's exactly; the transformers engine keeps two weight sets (the base for decoding,
+  the merge for the self-evaluation forward over the base cache). vLLM has no such mode (a
+  ``LoRARequest`` adapts every token of the prompt), so its engine refuses these adapters.
+
+Two adapters ship for the embedded default, by name: :data:`DEFAULT_ADAPTER` (``adapter="default"``,
+scope ``every_token``) and :data:`PARTIAL_CREDIT_ADAPTER` (scope ``self_evaluation``, trained on
+partial-credit targets; docs/training.md section 11).
+
 Example:
-    >>> from langchain_capeval.adapters import default_adapter_path
+    >>> from langchain_capeval.adapters import adapter_scope, default_adapter_path, shipped_adapter_path
     >>> default_adapter_path().name  # the adapter shipped for SmolLM2-135M-Instruct
     'smollm2-135m-selfeval'
+    >>> adapter_scope(shipped_adapter_path("smollm2-135m-selfeval-partial-credit"))
+    'self_evaluation'
 
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
-from langchain_capeval.errors import MissingExtraError, ModelNotInstalledError
+from langchain_capeval.errors import CapEvalInputError, MissingExtraError, ModelNotInstalledError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-_SHIPPED = Path(__file__).parent / "data" / "adapters" / "smollm2-135m-selfeval"
+AdapterScope = Literal["every_token", "self_evaluation"]
+"""Which tokens an adapter was trained to run on (see the module docstring)."""
+
+SCOPE_FILE = "capeval_adapter.json"
+"""The file in an adapter folder that records its scope: ``{"scope": "self_evaluation"}``."""
+
+DEFAULT_ADAPTER = "smollm2-135m-selfeval"
+"""The adapter ``ChatCapEval()`` loads for the embedded default (``adapter="default"``)."""
+
+PARTIAL_CREDIT_ADAPTER = "smollm2-135m-selfeval-partial-credit"
+"""The self-evaluation-scoped adapter shipped for the embedded default (opt in: ``adapter=`` this name)."""
+
+_SHIPPED_DIR = Path(__file__).parent / "data" / "adapters"
+
+
+def shipped_adapter_path(name: str) -> Path | None:
+    """The folder of the adapter shipped under ``name`` (for the embedded default model), or ``None``."""
+    path = _SHIPPED_DIR / name
+    return path if name and "/" not in name and (path / "adapter_config.json").is_file() else None
 
 
 def default_adapter_path() -> Path | None:
     """The adapter shipped for the embedded default model, or ``None`` if none ships."""
-    return _SHIPPED if (_SHIPPED / "adapter_config.json").is_file() else None
+    return shipped_adapter_path(DEFAULT_ADAPTER)
+
+
+def adapter_scope(adapter: str | os.PathLike[str]) -> AdapterScope:
+    """The scope an adapter folder records in ``capeval_adapter.json`` (``"every_token"`` without one).
+
+    Raises:
+        ModelNotInstalledError: ``adapter`` is not a folder holding ``adapter_config.json``.
+        CapEvalInputError: ``capeval_adapter.json`` is not JSON or names an unknown scope.
+
+    """
+    path = check_adapter(adapter) / SCOPE_FILE
+    if not path.is_file():
+        return "every_token"
+    try:
+        scope = json.loads(path.read_text()).get("scope")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise CapEvalInputError(f'{path}: expected a JSON object like {{"scope": "self_evaluation"}}') from e
+    if scope not in get_args(AdapterScope):
+        raise CapEvalInputError(f"{path}: scope {scope!r} is not one of {', '.join(get_args(AdapterScope))}")
+    return scope
+
+
+def write_adapter_scope(adapter: str | os.PathLike[str], scope: AdapterScope) -> None:
+    """Record ``scope`` in an adapter folder (``"every_token"`` removes the file: it is the default)."""
+    path = Path(adapter) / SCOPE_FILE
+    if scope == "every_token":
+        path.unlink(missing_ok=True)
+    else:
+        path.write_text(json.dumps({"scope": scope}) + "\n")
 
 
 def resolve_adapter(model: str | None, adapter: str | None) -> Path | None:
-    """The adapter folder an engine applies: ``"default"`` is the shipped one, for the embedded default model only.
+    """The adapter folder an engine applies.
+
+    ``"default"`` is the shipped default adapter for the embedded default model, and nothing for
+    another model; a shipped adapter's name (``PARTIAL_CREDIT_ADAPTER``) is that adapter, for the
+    embedded default only; anything else is a local folder (which wins over a shipped name).
 
     Raises:
         ModelNotInstalledError: ``adapter`` names a folder without ``adapter_config.json``.
+        CapEvalInputError: a shipped adapter is named for a model other than the embedded default.
 
     Example:
         >>> resolve_adapter("/models/llama", "default") is None  # no shipped adapter for other models
@@ -45,9 +117,17 @@ def resolve_adapter(model: str | None, adapter: str | None) -> Path | None:
 
     if adapter is None:
         return None
+    default_model = model in (None, DEFAULT_MODEL)
     if adapter == "default":
         shipped = default_adapter_path()
-        return shipped if model in (None, DEFAULT_MODEL) and shipped is not None else None
+        return shipped if default_model and shipped is not None else None
+    shipped = shipped_adapter_path(adapter)
+    if shipped is not None and not Path(adapter).expanduser().is_dir():
+        if not default_model:
+            raise CapEvalInputError(
+                f"adapter {adapter!r} is shipped for the embedded default {DEFAULT_MODEL}, not for model {model!r}"
+            )
+        return shipped
     return check_adapter(adapter)
 
 

@@ -140,7 +140,8 @@ class ChatCapEval(BaseChatModel):
     model: str | None = None
     """Local model folder or ``.gguf`` file; ``None``: the embedded default."""
     adapter: str | None = "default"
-    """Self-evaluation LoRA adapter folder; ``"default"``: the shipped one for the default model."""
+    """Self-evaluation LoRA adapter folder or shipped name; ``"default"``: the shipped one for the default model
+    (``"smollm2-135m-selfeval-partial-credit"``: the self-evaluation-only one; :mod:`langchain_capeval.adapters`)."""
     device: str = "cpu"
     """Torch device of the transformers engine."""
     policy: CapEvalConfig = Field(default_factory=CapEvalConfig)

@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     chat = sub.add_parser("chat", help="answer a prompt with ChatCapEval and show the compute spent")
     chat.add_argument("prompt")
     chat.add_argument("--model", default=None, help="local model folder or .gguf (default: embedded SmolLM2)")
-    chat.add_argument("--adapter", default="default", help="self-evaluation adapter folder (default: shipped)")
+    chat.add_argument("--adapter", default="default", help="self-evaluation adapter: folder or shipped name")
     chat.add_argument("--no-adapter", action="store_true", help="run the base model without an adapter")
     chat.add_argument("--json", action="store_true", help="print JSON")
     _policy_args(chat)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from langchain_capeval.adapters import adapter_scope
 from langchain_capeval.chat_format import ChatFormat
 from langchain_capeval.training.dataset import relabel_folder
 
@@ -41,6 +42,7 @@ def test_suffix_lora_trains_and_evaluates(tmp_path: Path) -> None:
         assert proc.returncode == 0, proc.stderr[-3000:]
     log = json.loads((adapter / "train_log.json").read_text())
     assert log["steps"] == len(log["loss"]) >= 1 and (adapter / "adapter_model.safetensors").is_file()
+    assert adapter_scope(adapter) == "self_evaluation", "engines must decode with the base weights"
     result = json.loads((report / "selfeval_eval.json").read_text())
     assert result["trained"]["samples"] > 0 and result["heldout"]["samples"] > 0
 

@@ -38,7 +38,6 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeGuard
 
 from langchain_capeval.bench.baselines import answer_key, judge_messages, parse_judge_score, self_certainty_from_logits
@@ -82,18 +81,22 @@ def graph_sample_seed(prompt_seed: int, index: int) -> int:
 
 
 def adapter_fingerprint(config: BenchConfig) -> str | None:
-    """Hash of the self-evaluation adapter weights the transformers engine of ``config`` loads; ``None`` if none."""
+    """Hash of the self-evaluation adapter weights the transformers engine of ``config`` loads; ``None`` if none.
+
+    An adapter scoped to the self-evaluation chunk gets its scope appended: the same weights run that way
+    draw other pools.
+    """
     if config.base_url is not None:
         return None
-    from langchain_capeval.adapters import default_adapter_path
-    from langchain_capeval.models import DEFAULT_MODEL
+    from langchain_capeval.adapters import adapter_scope, resolve_adapter
 
-    adapter = config.adapter
-    if adapter == "default":
-        shipped = default_adapter_path()
-        adapter = str(shipped) if config.model in (None, DEFAULT_MODEL) and shipped is not None else None
-    weights = Path(adapter) / "adapter_model.safetensors" if adapter else None
-    return hashlib.sha256(weights.read_bytes()).hexdigest()[:16] if weights and weights.is_file() else None
+    adapter = resolve_adapter(config.model, config.adapter)
+    weights = adapter / "adapter_model.safetensors" if adapter else None
+    if adapter is None or weights is None or not weights.is_file():
+        return None
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+    scope = adapter_scope(adapter)
+    return digest if scope == "every_token" else f"{digest}:{scope}"
 
 
 def build_engine(config: BenchConfig) -> Engine:

@@ -60,6 +60,8 @@ from langchain_capeval.errors import (
 from langchain_capeval.sampling import SamplingParams
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from langchain_capeval.models import LoadedModel, LoadReport
@@ -73,8 +75,9 @@ class TransformersEngineConfig(BaseModel):
     model: str | None = None
     """Local model folder or ``.gguf`` file; ``None`` is the embedded default, SmolLM2-135M-Instruct."""
     adapter: str | None = "default"
-    """LoRA self-evaluation adapter folder; ``"default"`` is the one shipped for the default model (if any,
-    and only for that model); ``None`` runs the base model."""
+    """LoRA self-evaluation adapter folder or shipped adapter name; ``"default"`` is the one shipped for the
+    default model (if any, and only for that model); ``None`` runs the base model. An adapter scoped to the
+    self-evaluation chunk (:mod:`langchain_capeval.adapters`) leaves decoding to the base weights."""
     device: str = "cpu"
     """Torch device."""
     dtype: str = "float32"
@@ -133,11 +136,15 @@ class TransformersEngine:
     thread, and concurrent ``generate`` calls share decode steps.
 
     Args:
-        model: A causal LM (adapters already applied).
+        model: A causal LM (an ``every_token`` adapter already merged in): it decodes, and self-evaluates
+            unless ``selfeval_model`` is given.
         tokenizer: Its tokenizer, with a chat template.
         name: Display name of the model.
         prefix_cache: Where ended requests' prompt caches are kept for prefix reuse;
             ``None`` turns prefix caching off.
+        selfeval_model: The same architecture with a ``self_evaluation``-scoped adapter merged in
+            (:mod:`langchain_capeval.adapters`): it runs only the self-evaluation forward, over the
+            KV cache ``model`` wrote, so generation stays ``model``'s exactly.
     """
 
     def __init__(
@@ -146,8 +153,10 @@ class TransformersEngine:
         tokenizer: PreTrainedTokenizerBase,
         name: str = "model",
         prefix_cache: PrefixCache | None = None,
+        selfeval_model: PreTrainedModel | None = None,
     ) -> None:
         self.model = model
+        self.selfeval_model = selfeval_model
         self.tokenizer = tokenizer
         self._name = name
         self._format = ChatFormat(tokenizer)
@@ -167,15 +176,17 @@ class TransformersEngine:
     @classmethod
     def from_config(cls, config: TransformersEngineConfig | None = None) -> TransformersEngine:
         """Load the model the config names and build the engine."""
-        from langchain_capeval.adapters import resolve_adapter
+        from langchain_capeval.adapters import adapter_scope, resolve_adapter
         from langchain_capeval.models import load_model
 
         config = config or TransformersEngineConfig()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         adapter = resolve_adapter(config.model, config.adapter)
+        # A self-evaluation-scoped adapter: decode with the base weights, self-evaluate with the merge.
+        chunk_only = adapter is not None and adapter_scope(adapter) == "self_evaluation"
 
-        def load() -> LoadedModel:
+        def load(adapter: Path | None, pack: bool) -> LoadedModel:
             loaded = load_model(
                 config.model,
                 adapter=adapter,
@@ -183,17 +194,18 @@ class TransformersEngine:
                 device=config.device,
                 dtype=config.dtype,
             )
-            if config.pack_output_projection:
+            if pack and config.pack_output_projection:
                 pack_output_projection(loaded.model)
-            if config.pack_linear_layers:
+            if pack and config.pack_linear_layers:
                 pack_decoder_linears(loaded.model)
             return loaded
 
         # Loading runs parallel ops; on a thread of its own, no OpenMP team outlives it (see engines.cpu).
-        loaded = run_in_own_thread(load)
+        loaded = run_in_own_thread(lambda: load(None if chunk_only else adapter, pack=True))
+        selfeval = run_in_own_thread(lambda: load(adapter, pack=False)).model if chunk_only else None
         name = loaded.name + ("+selfeval" if adapter else "")
         prefix_cache = PrefixCache(config.prefix_cache_bytes) if config.prefix_caching else None
-        engine = cls(loaded.model, loaded.tokenizer, name=name, prefix_cache=prefix_cache)
+        engine = cls(loaded.model, loaded.tokenizer, name=name, prefix_cache=prefix_cache, selfeval_model=selfeval)
         engine.load_report = loaded.report
         return engine
 
@@ -400,7 +412,8 @@ class TransformersEngine:
         chunks = [[r.token_ids[-1], *self._format.suffix_after(r.token_ids)] for r in order]
         ids, mask = left_padded_chunk(chunks)
         length, next_pos = batch.length, batch.next_pos
-        logits = batch.forward(self.model, ids.to(self._device), mask.to(self._device))
+        model = self.selfeval_model if self.selfeval_model is not None else self.model
+        logits = batch.forward(model, ids.to(self._device), mask.to(self._device))
         batch.truncate(length, next_pos)
         p_no, p_yes = answer_probabilities(logits, self._no_id, self._yes_id)
         elapsed = time.perf_counter() - start

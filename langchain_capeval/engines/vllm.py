@@ -665,9 +665,20 @@ class VLLMEngine:
             MissingExtraError: vLLM is not installed; the message gives the install command.
             ModelNotInstalledError: The model or adapter is not on this machine.
             CapEvalInputError: ``max_lora_rank`` is below the adapter's rank.
+            UnsupportedFeatureError: The adapter is scoped to the self-evaluation chunk
+                (:func:`~langchain_capeval.adapters.adapter_scope`), which a ``LoRARequest`` cannot serve.
 
         """
+        from langchain_capeval.adapters import adapter_scope, resolve_adapter
+
         config = config or VLLMEngineConfig()
+        adapter = resolve_adapter(config.model, config.adapter)
+        if adapter is not None and adapter_scope(adapter) == "self_evaluation":
+            raise UnsupportedFeatureError(
+                f"adapter {str(adapter)!r} is scoped to the self-evaluation chunk (capeval_adapter.json): it needs "
+                "the response's KV cache written by the base weights, and a vLLM LoRARequest adapts every token; "
+                "serve it with the transformers engine, or use an every-token adapter (adapter='default')"
+            )
         try:
             import vllm
             from vllm.lora.request import LoRARequest
@@ -678,9 +689,6 @@ class VLLMEngine:
         from transformers import AutoTokenizer
 
         folder, name = resolve_model_folder(config.model)
-        from langchain_capeval.adapters import resolve_adapter
-
-        adapter = resolve_adapter(config.model, config.adapter)
         lora_rank: int | None = None
         lora_request = None
         if adapter is not None:

@@ -22,7 +22,7 @@ def add_serve_command(subparsers: Any) -> None:
         help="serve ChatCapEval over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)",
     )
     serve.add_argument("--model", default=None, help="local model folder or .gguf (default: embedded SmolLM2)")
-    serve.add_argument("--adapter", default="default", help="self-evaluation adapter folder (default: shipped)")
+    serve.add_argument("--adapter", default="default", help="self-evaluation adapter: folder or shipped name")
     serve.add_argument("--no-adapter", action="store_true", help="run the base model without an adapter")
     serve.add_argument("--device", default="cpu", help="torch device of the transformers engine")
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 to accept remote clients)")

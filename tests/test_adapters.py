@@ -1,0 +1,133 @@
+"""Adapter scopes: an adapter trained on the self-evaluation chunk only runs only there.
+
+The shipped ``smollm2-135m-selfeval-partial-credit`` adapter is scoped to the self-evaluation
+chunk (``capeval_adapter.json``). Through ``TransformersEngine.from_config`` it must leave
+generation exactly the base model's, change what the self-evaluation says, and give the P("No")
+of the merged weights run over a cache the *base* weights wrote (what it was trained on), not
+over the merged model's own cache.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from langchain_capeval import ChatCapEval
+from langchain_capeval.adapters import (
+    DEFAULT_ADAPTER,
+    PARTIAL_CREDIT_ADAPTER,
+    SCOPE_FILE,
+    adapter_scope,
+    default_adapter_path,
+    resolve_adapter,
+    shipped_adapter_path,
+    write_adapter_scope,
+)
+from langchain_capeval.engines.decoding import answer_probabilities, win_or_tie_probability
+from langchain_capeval.engines.transformers import TransformersEngine, TransformersEngineConfig
+from langchain_capeval.engines.vllm import VLLMEngine, VLLMEngineConfig
+from langchain_capeval.errors import CapEvalInputError, ModelNotInstalledError, UnsupportedFeatureError
+from langchain_capeval.models import load_model
+from langchain_capeval.sampling import SamplingParams
+
+QUESTIONS = ("What is the capital of Peru?", "What is 6 + 3?", 'What is the opposite of "hot"?')
+
+
+def test_scope_is_read_from_the_folder_and_bad_files_are_named(tmp_path: Path) -> None:
+    default, partial = default_adapter_path(), shipped_adapter_path(PARTIAL_CREDIT_ADAPTER)
+    assert default is not None and default.name == DEFAULT_ADAPTER and partial is not None
+    assert adapter_scope(default) == "every_token", "no capeval_adapter.json: every token"
+    assert adapter_scope(partial) == "self_evaluation"
+    cfg = json.loads((partial / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and not cfg.get("modules_to_save")  # still a plain PEFT LoRA
+    assert (partial / "adapter_model.safetensors").stat().st_size < 25 * 2**20
+
+    mine = tmp_path / "mine"
+    shutil.copytree(default, mine)
+    write_adapter_scope(mine, "self_evaluation")
+    assert adapter_scope(mine) == "self_evaluation"
+    write_adapter_scope(mine, "every_token")
+    assert not (mine / SCOPE_FILE).exists() and adapter_scope(mine) == "every_token"
+    for text, problem in (("not json", "JSON object"), ('["x"]', "JSON object"), ('{"scope": "prompt"}', "'prompt'")):
+        (mine / SCOPE_FILE).write_text(text)
+        with pytest.raises(CapEvalInputError, match=problem) as info:
+            adapter_scope(mine)
+        assert SCOPE_FILE in str(info.value)
+    with pytest.raises(ModelNotInstalledError, match=r"adapter_config\.json"):
+        adapter_scope(tmp_path)
+
+
+def test_shipped_adapters_resolve_by_name_for_the_default_model_only(tmp_path: Path, monkeypatch) -> None:
+    partial = shipped_adapter_path(PARTIAL_CREDIT_ADAPTER)
+    assert resolve_adapter(None, PARTIAL_CREDIT_ADAPTER) == partial
+    assert resolve_adapter(None, DEFAULT_ADAPTER) == default_adapter_path()
+    assert shipped_adapter_path("../adapters/" + DEFAULT_ADAPTER) is None
+    with pytest.raises(CapEvalInputError, match="shipped for the embedded default"):
+        resolve_adapter("/models/llama", PARTIAL_CREDIT_ADAPTER)
+    # A local folder of the same name wins over the shipped one.
+    local = tmp_path / PARTIAL_CREDIT_ADAPTER
+    shutil.copytree(default_adapter_path(), local)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_adapter("/models/llama", PARTIAL_CREDIT_ADAPTER) == Path(PARTIAL_CREDIT_ADAPTER)
+
+
+def test_vllm_refuses_a_self_evaluation_scoped_adapter() -> None:
+    """Checked before vLLM is imported, so the refusal is the same with or without a GPU."""
+    with pytest.raises(UnsupportedFeatureError, match="self-evaluation chunk") as info:
+        VLLMEngine.from_config(VLLMEngineConfig(adapter=PARTIAL_CREDIT_ADAPTER))
+    assert PARTIAL_CREDIT_ADAPTER in str(info.value) and "transformers engine" in str(info.value)
+
+
+def _samples_and_scores(engine: TransformersEngine) -> tuple[list[list[int]], list[float]]:
+    tokens, scores = [], []
+    for i, q in enumerate(QUESTIONS):
+        prompt = engine.chat_format.encode([{"role": "user", "content": q}])
+        rows = engine.submit(prompt, [SamplingParams(temperature=0.8, seed=10 + i, max_new_tokens=24)])
+        engine.generate(rows, until=6)
+        scores.append(engine.self_evaluate(rows)[0].p_win_or_tie)  # mid-generation, then on to the end
+        sample = engine.generate(rows)[0]
+        scores.append(engine.self_evaluate(rows)[0].p_win_or_tie)
+        tokens.append(sample.token_ids)
+        engine.close_request(sample.request_id)
+    return tokens, scores
+
+
+def test_self_evaluation_scoped_adapter_leaves_generation_the_base_models(engine: TransformersEngine) -> None:
+    chunk = TransformersEngine.from_config(TransformersEngineConfig(adapter=PARTIAL_CREDIT_ADAPTER))
+    try:
+        assert chunk.selfeval_model is not None and chunk.model_name.endswith("+selfeval")
+        base_tokens, base_scores = _samples_and_scores(engine)
+        tokens, scores = _samples_and_scores(chunk)
+        assert tokens == base_tokens, "generation must be the base model's, token for token"
+        assert max(abs(a - b) for a, b in zip(scores, base_scores, strict=True)) > 0.05, (scores, base_scores)
+
+        # The P(win or tie) is the merge's over the base model's cache, not over the merge's own cache.
+        fmt = chunk.chat_format
+        prompt = fmt.encode([{"role": "user", "content": QUESTIONS[0]}])
+        response = base_tokens[0]
+        trunk, pending = prompt + response[:-1], [response[-1], *fmt.suffix_after(response)]
+        base = load_model(None).model
+        merged = load_model(None, adapter=shipped_adapter_path(PARTIAL_CREDIT_ADAPTER)).model
+        no_id, yes_id = fmt.answer_token_ids
+        with torch.inference_mode():
+            base_cache = base(torch.tensor([trunk]), use_cache=True).past_key_values
+            over_base = merged(torch.tensor([pending]), past_key_values=base_cache).logits
+            own = merged(torch.tensor([trunk + pending])).logits
+        want = win_or_tie_probability(*(float(p[0]) for p in answer_probabilities(over_base[:, -1], no_id, yes_id)))
+        other = win_or_tie_probability(*(float(p[0]) for p in answer_probabilities(own[:, -1], no_id, yes_id)))
+        assert abs(want - other) > 0.01, "the test needs the two caches to give different answers"
+        assert scores[1] == pytest.approx(want, abs=2e-3)
+        assert abs(scores[1] - other) > abs(scores[1] - want)
+    finally:
+        chunk.close()
+
+
+def test_chat_model_with_the_partial_credit_adapter_answers() -> None:
+    llm = ChatCapEval(adapter=PARTIAL_CREDIT_ADAPTER, max_samples=2, max_new_tokens=24, seed=0)
+    msg = llm.invoke("What is the capital of France?")
+    assert msg.content and msg.response_metadata["samples"]
+    assert llm.engine is not None and llm.engine.model_name.endswith("+selfeval")
