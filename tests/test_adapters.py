@@ -131,3 +131,31 @@ def test_chat_model_with_the_partial_credit_adapter_answers() -> None:
     msg = llm.invoke("What is the capital of France?")
     assert msg.content and msg.response_metadata["samples"]
     assert llm.engine is not None and llm.engine.model_name.endswith("+selfeval")
+
+
+def test_eval_selfeval_runs_a_scoped_adapter_as_the_engine_does(tmp_path: Path) -> None:
+    """``capeval eval-selfeval --adapter <shipped name>``: the adapted model's samples are the base model's."""
+    from langchain_capeval.training.config import SelfEvalEvalConfig
+    from langchain_capeval.training.evaluate import evaluate_self_evaluation
+
+    cfg = SelfEvalEvalConfig(
+        adapter=PARTIAL_CREDIT_ADAPTER,
+        output_dir=str(tmp_path),
+        families=("add1", "capitals"),
+        heldout_family="colors",
+        heldout_splits=("test",),
+        max_prompts_per_family=1,
+        num_samples=2,
+        max_new_tokens=12,
+        checkpoints=(4,),
+        prompts_per_batch=2,
+    )
+    report = evaluate_self_evaluation(cfg, progress=False)
+    assert report["adapter"] == str(shipped_adapter_path(PARTIAL_CREDIT_ADAPTER))
+    rows = [json.loads(line) for line in (tmp_path / "selfeval_samples.jsonl").read_text().splitlines()]
+    by_model = {m: [r for r in rows if r["model"] == m] for m in ("base", "adapted")}
+    assert len(by_model["base"]) == len(by_model["adapted"]) == 6
+    same = [(r["task_id"], r["num_tokens"], r["correct"]) for r in by_model["base"]]
+    assert same == [(r["task_id"], r["num_tokens"], r["correct"]) for r in by_model["adapted"]]
+    pairs = zip(by_model["base"], by_model["adapted"], strict=True)
+    assert any(abs(a["p_full"] - b["p_full"]) > 0.05 for a, b in pairs), "the adapter self-evaluates"

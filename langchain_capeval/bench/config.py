@@ -177,8 +177,8 @@ class BenchConfig(BaseModel):
     """Transformers engine: local model folder or ``.gguf`` file; ``None`` is the embedded default."""
 
     adapter: str | None = "default"
-    """Transformers engine: self-evaluation adapter folder; ``"default"`` is the shipped one (default model only);
-    ``None`` runs the base model."""
+    """Transformers engine: self-evaluation adapter folder or shipped name; ``"default"`` is the shipped default
+    (default model only); ``None`` runs the base model."""
 
     device: str = "cpu"
     """Transformers engine: torch device."""

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from langchain_capeval.adapters import adapter_scope
 from langchain_capeval.preferences import win_or_tie_targets
 from langchain_capeval.sampling import SamplingParams
 from langchain_capeval.tasks.answers import check
@@ -322,6 +323,8 @@ def _sampling_key(config: SelfEvalEvalConfig, adapter: str | None) -> str:
     fields["adapter_sha256"] = (
         hashlib.sha256(weights.read_bytes()).hexdigest() if weights and weights.is_file() else None
     )
+    if adapter and adapter_scope(adapter) != "every_token":  # the same weights, run on other tokens
+        fields["adapter_scope"] = adapter_scope(adapter)
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -336,10 +339,8 @@ def evaluate_self_evaluation(config: SelfEvalEvalConfig, *, progress: bool = Tru
     """
     import torch
 
-    from langchain_capeval.adapters import default_adapter_path
-    from langchain_capeval.engines.cpu import run_in_own_thread
-    from langchain_capeval.engines.transformers import TransformersEngine
-    from langchain_capeval.models import load_model
+    from langchain_capeval.adapters import default_adapter_path, resolve_adapter
+    from langchain_capeval.engines.transformers import TransformersEngine, TransformersEngineConfig
 
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
@@ -349,6 +350,8 @@ def evaluate_self_evaluation(config: SelfEvalEvalConfig, *, progress: bool = Tru
         if shipped is None:
             raise ValueError("adapter='default' but no adapter ships; pass --adapter PATH or --adapter none")
         adapter = str(shipped)
+    elif adapter is not None:  # a folder, or a shipped adapter's name
+        adapter = str(resolve_adapter(config.model, adapter))
     trained_tasks, heldout_tasks = evaluation_tasks(config)
     tasks = trained_tasks + heldout_tasks
     variants: dict[str, str | None] = {"base": None, **({"adapted": adapter} if adapter else {})}
@@ -362,13 +365,23 @@ def evaluate_self_evaluation(config: SelfEvalEvalConfig, *, progress: bool = Tru
             raw[name] = [EvalSample(**json.loads(line)) for line in cache.read_text().splitlines() if line]
             logger.info("reusing %d %s samples from %s", len(raw[name]), name, cache)
             continue
-        # on a thread that ends: the main thread keeps no OpenMP team to slow the engine's (engines.cpu)
-        loaded = run_in_own_thread(lambda: load_model(config.model, adapter=path))  # noqa: B023 (called at once)
-        engine = TransformersEngine(loaded.model, loaded.tokenizer, name=f"{loaded.name}:{name}")
+        # The model as the engine runs it (an adapter scoped to the self-evaluation chunk leaves decoding to the
+        # base weights), merged in memory and unpacked: the plain weights, as training saw them.
+        engine = TransformersEngine.from_config(
+            TransformersEngineConfig(
+                model=config.model,
+                adapter=path,
+                cache_merged=False,
+                pack_output_projection=False,
+                pack_linear_layers=False,
+                prefix_caching=False,
+            )
+        )
         start = time.perf_counter()
         raw[name] = collect_self_evaluations(engine, tasks, config, progress=progress)
         seconds[name] = round(time.perf_counter() - start, 1)
-        del engine, loaded
+        engine.close()
+        del engine
         cache.parent.mkdir(exist_ok=True)
         cache.write_text("".join(json.dumps(asdict(s)) + "\n" for s in raw[name]))
     heldout = {t.id for t in heldout_tasks}
