@@ -28,7 +28,7 @@ from langchain_capeval.adapters import (
     write_adapter_scope,
 )
 from langchain_capeval.engines.decoding import answer_probabilities, win_or_tie_probability
-from langchain_capeval.engines.transformers import TransformersEngine, TransformersEngineConfig
+from langchain_capeval.engines.transformers import TransformersEngine
 from langchain_capeval.engines.vllm import VLLMEngine, VLLMEngineConfig
 from langchain_capeval.errors import CapEvalInputError, ModelNotInstalledError, UnsupportedFeatureError
 from langchain_capeval.models import load_model
@@ -97,40 +97,36 @@ def _samples_and_scores(engine: TransformersEngine) -> tuple[list[list[int]], li
 
 
 def test_self_evaluation_scoped_adapter_leaves_generation_the_base_models(engine: TransformersEngine) -> None:
-    chunk = TransformersEngine.from_config(TransformersEngineConfig(adapter=PARTIAL_CREDIT_ADAPTER))
-    try:
-        assert chunk.selfeval_model is not None and chunk.model_name.endswith("+selfeval")
-        base_tokens, base_scores = _samples_and_scores(engine)
-        tokens, scores = _samples_and_scores(chunk)
-        assert tokens == base_tokens, "generation must be the base model's, token for token"
-        assert max(abs(a - b) for a, b in zip(scores, base_scores, strict=True)) > 0.05, (scores, base_scores)
-
-        # The P(win or tie) is the merge's over the base model's cache, not over the merge's own cache.
-        fmt = chunk.chat_format
-        prompt = fmt.encode([{"role": "user", "content": QUESTIONS[0]}])
-        response = base_tokens[0]
-        trunk, pending = prompt + response[:-1], [response[-1], *fmt.suffix_after(response)]
-        base = load_model(None).model
-        merged = load_model(None, adapter=shipped_adapter_path(PARTIAL_CREDIT_ADAPTER)).model
-        no_id, yes_id = fmt.answer_token_ids
-        with torch.inference_mode():
-            base_cache = base(torch.tensor([trunk]), use_cache=True).past_key_values
-            over_base = merged(torch.tensor([pending]), past_key_values=base_cache).logits
-            own = merged(torch.tensor([trunk + pending])).logits
-        want = win_or_tie_probability(*(float(p[0]) for p in answer_probabilities(over_base[:, -1], no_id, yes_id)))
-        other = win_or_tie_probability(*(float(p[0]) for p in answer_probabilities(own[:, -1], no_id, yes_id)))
-        assert abs(want - other) > 0.01, "the test needs the two caches to give different answers"
-        assert scores[1] == pytest.approx(want, abs=2e-3)
-        assert abs(scores[1] - other) > abs(scores[1] - want)
-    finally:
-        chunk.close()
-
-
-def test_chat_model_with_the_partial_credit_adapter_answers() -> None:
+    """Through ``ChatCapEval(adapter=<shipped name>)``: it answers, and its engine decodes as the base engine does."""
     llm = ChatCapEval(adapter=PARTIAL_CREDIT_ADAPTER, max_samples=2, max_new_tokens=24, seed=0)
     msg = llm.invoke("What is the capital of France?")
     assert msg.content and msg.response_metadata["samples"]
-    assert llm.engine is not None and llm.engine.model_name.endswith("+selfeval")
+    chunk = llm.engine
+    assert isinstance(chunk, TransformersEngine) and chunk.model_name.endswith("+selfeval")
+    assert chunk.selfeval_model is not None
+
+    base_tokens, base_scores = _samples_and_scores(engine)
+    tokens, scores = _samples_and_scores(chunk)
+    assert tokens == base_tokens, "generation must be the base model's, token for token"
+    assert max(abs(a - b) for a, b in zip(scores, base_scores, strict=True)) > 0.05, (scores, base_scores)
+
+    # The P(win or tie) is the merge's over the base model's cache, not over the merge's own cache.
+    fmt = chunk.chat_format
+    prompt = fmt.encode([{"role": "user", "content": QUESTIONS[0]}])
+    response = base_tokens[0]
+    trunk, pending = prompt + response[:-1], [response[-1], *fmt.suffix_after(response)]
+    base = load_model(None).model
+    merged = load_model(None, adapter=shipped_adapter_path(PARTIAL_CREDIT_ADAPTER), cache_merged=True).model
+    no_id, yes_id = fmt.answer_token_ids
+    with torch.inference_mode():
+        base_cache = base(torch.tensor([trunk]), use_cache=True).past_key_values
+        over_base = merged(torch.tensor([pending]), past_key_values=base_cache).logits
+        own = merged(torch.tensor([trunk + pending])).logits
+    want = win_or_tie_probability(*(float(p[0]) for p in answer_probabilities(over_base[:, -1], no_id, yes_id)))
+    other = win_or_tie_probability(*(float(p[0]) for p in answer_probabilities(own[:, -1], no_id, yes_id)))
+    assert abs(want - other) > 0.01, "the test needs the two caches to give different answers"
+    assert scores[1] == pytest.approx(want, abs=2e-3)
+    assert abs(scores[1] - other) > abs(scores[1] - want)
 
 
 def test_eval_selfeval_runs_a_scoped_adapter_as_the_engine_does(tmp_path: Path) -> None:
@@ -141,7 +137,7 @@ def test_eval_selfeval_runs_a_scoped_adapter_as_the_engine_does(tmp_path: Path) 
     cfg = SelfEvalEvalConfig(
         adapter=PARTIAL_CREDIT_ADAPTER,
         output_dir=str(tmp_path),
-        families=("add1", "capitals"),
+        families=("add1",),
         heldout_family="colors",
         heldout_splits=("test",),
         max_prompts_per_family=1,
@@ -154,7 +150,7 @@ def test_eval_selfeval_runs_a_scoped_adapter_as_the_engine_does(tmp_path: Path) 
     assert report["adapter"] == str(shipped_adapter_path(PARTIAL_CREDIT_ADAPTER))
     rows = [json.loads(line) for line in (tmp_path / "selfeval_samples.jsonl").read_text().splitlines()]
     by_model = {m: [r for r in rows if r["model"] == m] for m in ("base", "adapted")}
-    assert len(by_model["base"]) == len(by_model["adapted"]) == 6
+    assert len(by_model["base"]) == len(by_model["adapted"]) == 4
     same = [(r["task_id"], r["num_tokens"], r["correct"]) for r in by_model["base"]]
     assert same == [(r["task_id"], r["num_tokens"], r["correct"]) for r in by_model["adapted"]]
     pairs = zip(by_model["base"], by_model["adapted"], strict=True)
