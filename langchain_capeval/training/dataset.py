@@ -63,6 +63,13 @@ _SAMPLE_FIELDS = ("model", "seed", "num_samples", "temperature", "top_p", "max_n
 _LABEL_FIELDS = ("reward", "epsilon")
 """Config fields that change the labels: a resumed build must keep them too (absent in older folders: the defaults)."""
 
+
+def _recorded_settings(config: PreferenceDataConfig) -> dict[str, Any]:
+    """The config fields ``build_config.json`` records: those that change the samples or their labels."""
+    fields = (*_SAMPLE_FIELDS, *_LABEL_FIELDS)
+    return {k: v for k, v in config.model_dump(mode="json").items() if k in fields}
+
+
 REWARD_SOURCES: dict[str, type[VerifiableReward]] = {
     "verifiable": VerifiableReward,
     "partial_credit": PartialCreditReward,
@@ -345,8 +352,7 @@ class PreferenceDataBuilder:
     def _check_settings(self) -> None:
         """Record the sampling settings on the first run; refuse to resume with different ones."""
         settings_path = self.output_dir / "build_config.json"
-        fields = (*_SAMPLE_FIELDS, *_LABEL_FIELDS)
-        mine = {k: v for k, v in self.config.model_dump(mode="json").items() if k in fields}
+        mine = _recorded_settings(self.config)
         mine["engine_model"] = self.engine.model_name
         mine["reward"] = self.reward_name
         if settings_path.is_file():
@@ -453,8 +459,7 @@ def relabel_folder(
     out.mkdir(parents=True, exist_ok=True)
     with (out / DATA_FILE).open("w", encoding="utf-8") as f:
         f.writelines(r.to_json() + "\n" for r in records)
-    mine = {k: v for k, v in config.model_dump(mode="json").items() if k in (*_SAMPLE_FIELDS, *_LABEL_FIELDS)}
-    (out / "build_config.json").write_text(json.dumps(settings | mine, indent=2) + "\n")
+    (out / "build_config.json").write_text(json.dumps(settings | _recorded_settings(config), indent=2) + "\n")
     card = describe(records, config, settings.get("engine_model") or str(config.model))
     card["relabelled_from"] = str(src)
     _write_data_card(out, card)

@@ -323,8 +323,9 @@ def _sampling_key(config: SelfEvalEvalConfig, adapter: str | None) -> str:
     fields["adapter_sha256"] = (
         hashlib.sha256(weights.read_bytes()).hexdigest() if weights and weights.is_file() else None
     )
-    if adapter and adapter_scope(adapter) != "every_token":  # the same weights, run on other tokens
-        fields["adapter_scope"] = adapter_scope(adapter)
+    scope = adapter_scope(adapter) if adapter else "every_token"
+    if scope != "every_token":  # the same weights, run on other tokens
+        fields["adapter_scope"] = scope
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
