@@ -50,14 +50,15 @@ import torch
 from langchain_capeval.adapters import write_adapter_scope
 from langchain_capeval.chat_format import ChatFormat
 from langchain_capeval.engines.cpu import run_in_own_thread
-from langchain_capeval.engines.kv_batch import left_padded_chunk
 from langchain_capeval.engines.transformers import TransformersEngine
 from langchain_capeval.models import load_model
 from langchain_capeval.training.config import SelfEvalEvalConfig
 from langchain_capeval.training.evaluate import EvalSample, collect_self_evaluations, evaluation_tasks, summarize
+from langchain_capeval.training.examples import ChunkExample
+from langchain_capeval.training.trainer import chunk_answer_logits
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-Example = tuple[list[int], list[int], float]  # trunk, chunk, win-or-tie target
+Example = ChunkExample  # trunk (base weights), chunk (adapter), target
 DEV_CHECKPOINT = 16  # the prefix length the dev split is also scored at (issue #4's second goal)
 TRAINING_TARGETS = ("win_or_tie", "correctness")
 
@@ -100,8 +101,9 @@ def parse_args() -> argparse.Namespace:
 
 def chunk_example(prompt_ids: list[int], response_ids: list[int], target: float, fmt: ChatFormat) -> Example:
     """The trunk (prompt and response but its last token) and the chunk (that token and the turn)."""
-    trunk = prompt_ids + response_ids[:-1]
-    return trunk, [response_ids[-1], *fmt.suffix_after(response_ids)], target
+    return ChunkExample.of(
+        prompt_ids, response_ids, len(response_ids), fmt.self_evaluation_suffix, target, fmt.eos_token_ids
+    )
 
 
 def load_examples(
@@ -149,49 +151,21 @@ def load_examples(
     return examples, dev
 
 
-def left_pad(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded token ids and a 0/1 attention mask (``kv_batch.left_padded_chunk``'s, as integers)."""
-    ids, mask = left_padded_chunk(seqs)
-    return ids, mask.long()
-
-
 def chunk_loss(model: Any, batch: Sequence[Example], no_id: int, yes_id: int) -> torch.Tensor:
     """Two-way soft cross-entropy of the answer token against the examples' targets (``--target``)."""
     two_way = chunk_answer_log_probs(model, batch, no_id, yes_id)
-    p = torch.tensor([b[2] for b in batch])
+    p = torch.tensor([b.target for b in batch])
     return -(p * two_way[:, 0] + (1 - p) * two_way[:, 1]).mean()
 
 
 def chunk_answer_log_probs(model: Any, batch: Sequence[Example], no_id: int, yes_id: int) -> torch.Tensor:
-    """Log P("No") and log P("Yes"), renormalised over the two, per example.
-
-    The trunk runs through the base weights (no gradient), the chunk through the adapter over the
-    trunk's cache.
-    """
-    trunk_ids, trunk_mask = left_pad([b[0] for b in batch])
-    chunk_ids, chunk_mask = left_pad([b[1] for b in batch])
-    with torch.no_grad(), model.disable_adapter():
-        cache = model(
-            input_ids=trunk_ids,
-            attention_mask=trunk_mask,
-            position_ids=(trunk_mask.cumsum(1) - 1).clamp_min(0),
-            use_cache=True,
-        ).past_key_values
-    positions = (trunk_mask.sum(1, keepdim=True) + chunk_mask.cumsum(1) - 1).clamp_min(0)
-    out = model(
-        input_ids=chunk_ids,
-        attention_mask=torch.cat([trunk_mask, chunk_mask], 1),
-        position_ids=positions,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    return torch.log_softmax(out.logits[:, -1, [no_id, yes_id]].float(), -1)
+    """Log P("No") and log P("Yes"), renormalised over the two, per example (the library's chunk-only forward)."""
+    return torch.log_softmax(chunk_answer_logits(model, batch)[:, [no_id, yes_id]].float(), -1)
 
 
 def dev_report(model: Any, dev: Sequence[tuple[Example, EvalSample, int]], no_id: int, yes_id: int) -> dict[str, Any]:
     """Score the held-out samples (full and at 16 tokens) and summarise them as ``eval`` does."""
-    order = sorted(range(len(dev)), key=lambda j: len(dev[j][0][0]))
+    order = sorted(range(len(dev)), key=lambda j: len(dev[j][0].trunk))
     for k in range(0, len(order), 32):
         rows = [dev[j] for j in order[k : k + 32]]
         with torch.no_grad():
@@ -272,8 +246,8 @@ def train(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
     write_adapter_scope(out, "self_evaluation")  # engines then decode with the base weights (adapters.py)
-    mean = sum(e[2] for e in examples) / len(examples)
-    floor = -sum(e[2] * math.log(mean) + (1 - e[2]) * math.log(1 - mean) for e in examples) / len(examples)
+    mean = sum(e.target for e in examples) / len(examples)
+    floor = -sum(e.target * math.log(mean) + (1 - e.target) * math.log(1 - mean) for e in examples) / len(examples)
     log = {
         "args": vars(args),
         "examples": len(examples),

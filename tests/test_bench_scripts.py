@@ -90,7 +90,7 @@ def test_suffix_lora_correctness_target_is_the_reward(chat_format: ChatFormat) -
     for target in ("win_or_tie", "correctness"):
         examples, dev = suffix_lora.load_examples(str(data), chat_format, 4, dev_every=3, target=target)
         examples = examples[: len(kept)]  # the first six prompts' examples come first
-        by_target[target] = ([e[2] for e in examples], [row[0][2] for row in dev[:8]])
+        by_target[target] = ([e.target for e in examples], [row[0].target for row in dev[:8]])
     assert by_target["win_or_tie"][0] == [s["target"] for s in kept]
     assert by_target["correctness"][0] == [float(s["reward"] > 0) for s in kept]
     assert by_target["correctness"][0] != by_target["win_or_tie"][0]  # wrong answers with a high target
@@ -113,14 +113,15 @@ def test_suffix_lora_trains_on_relabelled_targets(
     examples, dev = suffix_lora.load_examples(str(tmp_path / "graded/preferences.jsonl"), chat_format, 4, dev_every=3)
     plain, plain_dev = suffix_lora.load_examples(str(src / "preferences.jsonl"), chat_format, 4, dev_every=3)
     kept = [s for i, r in enumerate(graded) if i % 3 for s in r["samples"][:4]]
-    assert [e[:2] for e in examples] == [e[:2] for e in plain]  # the same examples, other targets
-    assert [e[2] for e in examples] == [s["target"] for s in kept] != [e[2] for e in plain]
+    same = [(e.trunk, e.chunk) for e in examples] == [(e.trunk, e.chunk) for e in plain]
+    assert same, "the same examples, other targets"
+    assert [e.target for e in examples] == [s["target"] for s in kept] != [e.target for e in plain]
     assert any(0.0 < s["reward"] < 1.0 for s in kept)  # wrong answers with partial credit: not counted right
     assert [row[1].correct for row in dev] == [row[1].correct for row in plain_dev]
     examples, _ = suffix_lora.load_examples(
         str(tmp_path / "graded/preferences.jsonl"), chat_format, 4, dev_every=3, target="correctness"
     )
-    assert [e[2] for e in examples] == [float(s["correct"]) for s in kept]
+    assert [e.target for e in examples] == [float(s["correct"]) for s in kept]
 
 
 @pytest.mark.parametrize("script", sorted(RUNS))

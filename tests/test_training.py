@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from langchain_capeval.adapters import apply_adapter
+from langchain_capeval.adapters import adapter_scope, apply_adapter
 from langchain_capeval.cli import main as capeval_main
-from langchain_capeval.engines.transformers import TransformersEngine
+from langchain_capeval.engines.transformers import TransformersEngine, TransformersEngineConfig
 from langchain_capeval.models import load_model
 from langchain_capeval.preferences import win_or_tie_targets
 from langchain_capeval.rewards import PartialCreditReward
@@ -33,9 +33,21 @@ from langchain_capeval.training.dataset import (
     read_records,
 )
 from langchain_capeval.training.evaluate import EvalSample, best_of_n, collect_self_evaluations, summarize
-from langchain_capeval.training.examples import collate, pack_sample, self_evaluation_sequence, tree_attention_mask
+from langchain_capeval.training.examples import (
+    ChunkExample,
+    collate,
+    pack_sample,
+    self_evaluation_sequence,
+    tree_attention_mask,
+)
 from langchain_capeval.training.metrics import auroc, brier_score, expected_calibration_error, reliability_bins
-from langchain_capeval.training.trainer import SelfEvalTrainer, build_examples, length_batches, soft_answer_loss
+from langchain_capeval.training.trainer import (
+    SelfEvalTrainer,
+    build_examples,
+    chunk_answer_logits,
+    length_batches,
+    soft_answer_loss,
+)
 
 # --- metrics -----------------------------------------------------------------------------
 
@@ -428,6 +440,78 @@ def test_end_to_end_tiny_pipeline(engine: TransformersEngine, tmp_path: Path) ->
     assert all("4" in x.p_at for x in adapted_scores if x.num_tokens > 4)
 
 
+def test_self_evaluation_scoped_training_runs_as_the_engine_does(
+    engine: TransformersEngine, built_data_folder: Callable[[int], Path], tmp_path: Path
+) -> None:
+    """``scope="self_evaluation"``: the chunk trains over the base weights' cache; the engine runs the same function.
+
+    A tiny LoRA trained to say "No" (p = 1) on two prompts of committed data: the loss falls, the folder
+    records the scope, the engine built from it decodes the base model's tokens, and its P(win or tie)
+    is the trainer's own over the base cache (``chunk_answer_logits``), higher than the base model's.
+    """
+    records = read_records(built_data_folder(2) / "preferences.jsonl")
+    for r in records:
+        for s in r.samples:
+            s.target = 1.0
+    config = SelfEvalTrainingConfig(
+        data="unused: records are given",
+        output_dir=str(tmp_path / "adapter"),
+        scope="self_evaluation",
+        samples_per_prompt=2,
+        lora_r=4,
+        lora_alpha=8,
+        target_modules=("q_proj", "v_proj", "down_proj"),
+        layers_to_transform=(27, 28, 29),
+        answer_loss="two_way",
+        learning_rate=2e-2,
+        warmup_steps=0,
+        max_steps=5,
+        batch_tokens=100_000,
+        log_every=1,
+    )
+    assert config.regularizer == "none"
+    loaded = load_model(None)
+    trainer = SelfEvalTrainer(loaded.model, loaded.tokenizer, config, records=records)
+    fmt = engine.chat_format
+    assert all(isinstance(e, ChunkExample) for e in trainer.examples)  # full response, then each prefix
+    assert len(trainer.examples) == sum(1 + len(s.prefix_lengths) for r in records for s in r.samples[:2]) > 4
+    first = trainer.examples[0]
+    sample = records[0].samples[0]
+    assert first.trunk + first.chunk == self_evaluation_sequence(
+        records[0].prompt_ids, sample.token_ids, len(sample.token_ids), fmt.self_evaluation_suffix, fmt.eos_token_ids
+    )
+    result = trainer.train(progress=False)
+    losses = [row["answer_loss"] for row in result.history]
+    assert result.steps == 5 and losses[-1] < losses[0] * 0.5, losses
+    assert all(row["regularizer"] == 0.0 for row in result.history)
+    saved = trainer.save()
+    assert adapter_scope(saved) == "self_evaluation"
+    assert json.loads((saved / "training_config.json").read_text())["regularizer"] == "none"
+
+    no_id, yes_id = fmt.answer_token_ids
+    prompt = fmt.encode([{"role": "user", "content": "What is 4 + 3?"}])
+    params = [SamplingParams(temperature=0.8, max_new_tokens=12, seed=s) for s in (3, 4)]
+    scoped = TransformersEngine.from_config(TransformersEngineConfig(adapter=str(saved), cache_merged=False))
+    outputs = []
+    for e in (engine, scoped):
+        rows = e.submit(prompt, params)
+        try:
+            samples = e.generate(rows)
+            outputs.append(([s.token_ids for s in samples], [x.p_win_or_tie for x in e.self_evaluate(rows)]))
+        finally:
+            e.close_request(samples[0].request_id)
+    (base_tokens, base_p), (tokens, p) = outputs
+    assert tokens == base_tokens, "a self-evaluation-scoped adapter leaves generation the base model's"
+    assert all(a > b + 0.05 for a, b in zip(p, base_p, strict=True)), (p, base_p)
+    chunks = [ChunkExample.of(prompt, t, len(t), fmt.self_evaluation_suffix, 1.0, fmt.eos_token_ids) for t in tokens]
+    with torch.no_grad():
+        two_way = chunk_answer_logits(trainer.model, chunks)[:, [no_id, yes_id]].double().softmax(-1)[:, 0]
+    assert two_way.tolist() == pytest.approx(p, abs=2e-3), "training scores what the engine scores"
+    scoped.close()
+    with pytest.raises(ValueError, match=r"regularizer='sft'.*scope='self_evaluation'"):
+        SelfEvalTrainingConfig(scope="self_evaluation", regularizer="sft")
+
+
 # --- configs and CLI ---------------------------------------------------------------------------
 
 
@@ -445,6 +529,8 @@ def test_cli_flags_come_from_the_configs() -> None:
     ns = parser.parse_args(["train", "--no-pack-prefixes", "--regularizer", "kl", "--target-modules", "q_proj,v_proj"])
     train = config_from_args(SelfEvalTrainingConfig, ns)
     assert (train.pack_prefixes, train.regularizer, train.target_modules) == (False, "kl", ("q_proj", "v_proj"))
+    scoped = config_from_args(SelfEvalTrainingConfig, parser.parse_args(["train", "--scope", "self_evaluation"]))
+    assert (scoped.scope, scoped.regularizer) == ("self_evaluation", "none")
     ns = parser.parse_args(["eval-selfeval", "--adapter", "none", "--checkpoints", "8,16"])
     ev = config_from_args(SelfEvalEvalConfig, ns)
     assert (ev.adapter, ev.checkpoints) == (None, (8, 16))

@@ -27,10 +27,11 @@ Example:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from langchain_capeval.adapters import AdapterScope
 from langchain_capeval.tasks.answers import PARTIAL_CREDIT_MAX
 from langchain_capeval.tasks.synthetic import FAMILIES
 
@@ -181,9 +182,17 @@ class SelfEvalTrainingConfig(_Config):
     """Soft cross-entropy on the answer token: ``full_vocab`` is -(p log P(No) + (1-p) log P(Yes)) under the
     full softmax (it also moves mass onto the two answers); ``two_way`` renormalises over "No" and "Yes" first."""
 
-    regularizer: Literal["sft", "kl", "none"] = "sft"
+    scope: AdapterScope = "every_token"
+    """Which tokens the adapter runs on (recorded in the adapter's ``capeval_adapter.json``): ``every_token`` is
+    merged into the weights and serves generation too (vLLM serves it as a ``LoRARequest``); ``self_evaluation``
+    runs on the self-evaluation chunk only, over the cache the base weights wrote, so generation stays the base
+    model's exactly (transformers engine only; no regularizer needed)."""
+
+    regularizer: Literal["sft", "kl", "none"] | None = None
     """What keeps generation as good as the base model's: ``sft`` adds the NLL of the on-policy response tokens
-    (same forward pass, no extra cost); ``kl`` adds KL(base || adapted) on them (one extra no-grad forward)."""
+    (same forward pass, no extra cost); ``kl`` adds KL(base || adapted) on them (one extra no-grad forward);
+    ``None``: ``sft`` for ``scope="every_token"``, ``none`` for ``scope="self_evaluation"`` (which leaves
+    generation alone)."""
 
     regularizer_weight: float = Field(default=0.5, ge=0.0)
     """Weight of the regularizer relative to the answer loss."""
@@ -231,6 +240,23 @@ class SelfEvalTrainingConfig(_Config):
         if not self.target_modules:
             raise ValueError("target_modules: give at least one module name")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _regularizer_for_scope(cls, values: Any) -> Any:
+        """Resolve ``regularizer=None`` from the scope (the saved config says what ran); refuse a mismatch."""
+        if not isinstance(values, dict):
+            return values
+        scoped = values.get("scope") == "self_evaluation"
+        regularizer = values.get("regularizer")
+        if regularizer is None:
+            return {**values, "regularizer": "none" if scoped else "sft"}
+        if scoped and regularizer != "none":
+            raise ValueError(
+                f"regularizer={regularizer!r} keeps generation close to the base model's, but an adapter with "
+                "scope='self_evaluation' never runs on generated tokens; use regularizer='none' (or leave it unset)"
+            )
+        return values
 
 
 class SelfEvalEvalConfig(_Config):

@@ -180,6 +180,57 @@ def unpack_sample(
     return out
 
 
+@dataclass(frozen=True)
+class ChunkExample:
+    """One evaluated length of a sample, for an adapter scoped to the self-evaluation chunk.
+
+    The engine runs such an adapter (``capeval_adapter.json``: ``"scope": "self_evaluation"``)
+    on the chunk only: the pending last token of the (possibly truncated) response and the
+    self-evaluation turn, over the KV cache the base weights wrote for everything before it.
+    Training runs the trunk through the base weights (no gradient) and the chunk through the
+    adapter, the same split.
+
+    Attributes:
+        trunk: The prompt and the first ``k - 1`` response tokens (the base weights' cache).
+        chunk: Response token ``k`` and the self-evaluation turn after it; the answer is read at its end.
+        target: P("No") to train: the win-or-tie target of the sample.
+
+    Example:
+        >>> ex = ChunkExample.of([5, 6], [7, 8, 2], 3, [2, 9, 10], target=0.5, eos_ids={2})
+        >>> ex.trunk, ex.chunk, len(ex)
+        ([5, 6, 7, 8], [2, 9, 10], 7)
+        >>> ChunkExample.of([5, 6], [7, 8, 2], 1, [2, 9, 10], target=0.5, eos_ids={2}).chunk
+        [7, 2, 9, 10]
+
+    """
+
+    trunk: list[int]
+    chunk: list[int]
+    target: float
+
+    def __len__(self) -> int:
+        return len(self.trunk) + len(self.chunk)
+
+    @classmethod
+    def of(
+        cls,
+        prompt_ids: Sequence[int],
+        response_ids: Sequence[int],
+        num_tokens: int,
+        suffix: Sequence[int],
+        target: float,
+        eos_ids: Collection[int],
+    ) -> ChunkExample:
+        """The example that self-evaluates the response's first ``num_tokens`` tokens (at least one)."""
+        if num_tokens < 1:
+            raise ValueError(
+                f"num_tokens must be >= 1 (the chunk starts with the last response token), got {num_tokens}"
+            )
+        seq = self_evaluation_sequence(prompt_ids, response_ids, num_tokens, suffix, eos_ids)
+        cut = len(prompt_ids) + num_tokens - 1
+        return cls(seq[:cut], seq[cut:], float(target))
+
+
 @dataclass
 class Batch:
     """Padded tensors of several packed samples.

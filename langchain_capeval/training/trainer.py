@@ -18,6 +18,12 @@ Examples are tree-packed (:mod:`~langchain_capeval.training.examples`): one sequ
 sample holds the prompt and response once and one self-evaluation branch per evaluated
 length. Batches group sequences of similar length under a token budget.
 
+With ``scope="self_evaluation"`` the adapter is trained as the engine will run it: on the
+self-evaluation chunk only (:class:`~langchain_capeval.training.examples.ChunkExample`: the
+pending last token and the turn), over the KV cache the base weights wrote for the prompt
+and the response (:func:`chunk_answer_logits`). Generation is then the base model's, so no
+regularizer is needed; the saved folder records the scope (``capeval_adapter.json``).
+
 Example:
     >>> from langchain_capeval.training import SelfEvalTrainer, SelfEvalTrainingConfig
     >>> config = SelfEvalTrainingConfig(data="results/training/data/preferences.jsonl", output_dir="/tmp/adapter")
@@ -42,11 +48,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from langchain_capeval.adapters import write_adapter_scope
 from langchain_capeval.chat_format import ChatFormat
+from langchain_capeval.engines.kv_batch import left_padded_chunk
 from langchain_capeval.errors import MissingExtraError
 from langchain_capeval.training.config import SelfEvalTrainingConfig
 from langchain_capeval.training.dataset import PromptRecord, read_records
-from langchain_capeval.training.examples import Batch, PackedSample, collate, pack_sample, unpack_sample
+from langchain_capeval.training.examples import (
+    Batch,
+    ChunkExample,
+    PackedSample,
+    collate,
+    pack_sample,
+    unpack_sample,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -96,6 +111,74 @@ def build_examples(
             else:
                 out.extend(unpack_sample(record.prompt_ids, s.token_ids, suffix, lengths, targets, eos))
     return out
+
+
+def build_chunk_examples(
+    records: Sequence[PromptRecord],
+    chat_format: ChatFormat,
+    *,
+    exclude_families: Sequence[str] = (),
+    samples_per_prompt: int | None = None,
+    prefixes: bool = True,
+) -> list[ChunkExample]:
+    """Training examples of a self-evaluation-scoped adapter: per sample, its full response, then its prefixes.
+
+    Same selection as :func:`build_examples`; each evaluated length is one
+    :class:`~langchain_capeval.training.examples.ChunkExample` (no packing: the trunk runs without gradients).
+
+    Example:
+        >>> build_chunk_examples([], chat_format)  # doctest: +SKIP
+        []
+
+    """
+    suffix = chat_format.self_evaluation_suffix
+    eos = chat_format.eos_token_ids
+    out: list[ChunkExample] = []
+    for record in records:
+        if record.family in exclude_families:
+            continue
+        for s in record.samples[:samples_per_prompt]:
+            for k in [len(s.token_ids), *(s.prefix_lengths if prefixes else ())]:
+                out.append(ChunkExample.of(record.prompt_ids, s.token_ids, k, suffix, s.target, eos))
+    return out
+
+
+def chunk_answer_logits(model: Any, examples: Sequence[ChunkExample]) -> torch.Tensor:
+    """``[B, V]`` logits of the answer token, with the adapter on the self-evaluation chunk only.
+
+    The trunks (prompt and response but its last token) run through the base weights, adapter
+    disabled and without gradients, as the engine's base model writes its KV cache; the chunks run
+    through the adapter over that cache, left-padded so every row's last position is its answer.
+
+    Args:
+        model: A PEFT model (``disable_adapter()`` gives the base weights).
+        examples: The evaluated responses.
+
+    Example:
+        >>> logits = chunk_answer_logits(peft_model, examples)  # doctest: +SKIP
+        >>> p_no = logits[:, [no_id, yes_id]].softmax(-1)[:, 0]  # doctest: +SKIP
+
+    """
+    trunk_ids, trunk_mask = left_padded_chunk([e.trunk for e in examples])
+    chunk_ids, chunk_mask = left_padded_chunk([e.chunk for e in examples])
+    trunk_mask, chunk_mask = trunk_mask.long(), chunk_mask.long()
+    with torch.no_grad(), model.disable_adapter():
+        cache = model(
+            input_ids=trunk_ids,
+            attention_mask=trunk_mask,
+            position_ids=(trunk_mask.cumsum(1) - 1).clamp_min(0),
+            use_cache=True,
+        ).past_key_values
+    out = model(
+        input_ids=chunk_ids,
+        attention_mask=torch.cat([trunk_mask, chunk_mask], 1),
+        position_ids=(trunk_mask.sum(1, keepdim=True) + chunk_mask.cumsum(1) - 1).clamp_min(0),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    logits: torch.Tensor = out.logits[:, -1]
+    return logits
 
 
 def length_batches(lengths: Sequence[int], batch_tokens: int, rng: random.Random) -> list[list[int]]:
@@ -216,13 +299,15 @@ class SelfEvalTrainer:
             records = read_records(config.data)
             if not records:
                 raise ValueError(f"data: no records in {config.data}; build them with `capeval build-data`")
-        self.examples = build_examples(
-            records,
-            self.chat_format,
-            pack=config.pack_prefixes,
-            exclude_families=config.exclude_families,
-            samples_per_prompt=config.samples_per_prompt,
-            prefixes=config.train_prefixes,
+        select: dict[str, Any] = {
+            "exclude_families": config.exclude_families,
+            "samples_per_prompt": config.samples_per_prompt,
+            "prefixes": config.train_prefixes,
+        }
+        self.examples: list[PackedSample] | list[ChunkExample] = (
+            build_chunk_examples(records, self.chat_format, **select)
+            if config.scope == "self_evaluation"
+            else build_examples(records, self.chat_format, pack=config.pack_prefixes, **select)
         )
         if not self.examples:
             raise ValueError("no training examples left (every family excluded?)")
@@ -274,8 +359,11 @@ class SelfEvalTrainer:
         with torch.no_grad(), self.model.disable_adapter():
             return self._lm_head(self._hidden(batch, width)[index]).float()
 
-    def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def compute_loss(self, batch: Batch | Sequence[ChunkExample]) -> tuple[torch.Tensor, dict[str, float]]:
         """Return the training loss of one batch, and its parts (answer loss, regularizer).
+
+        A batch is a collated :class:`Batch` of packed samples, or, with ``scope="self_evaluation"``,
+        a list of :class:`~langchain_capeval.training.examples.ChunkExample`.
 
         Example:
             >>> loss, parts = trainer.compute_loss(collate(trainer.examples[:4]))  # doctest: +SKIP
@@ -284,11 +372,16 @@ class SelfEvalTrainer:
 
         """
         cfg = self.config
+        two_way = cfg.answer_loss == "two_way"
+        if not isinstance(batch, Batch):  # the chunk only, over the base weights' cache; no regularizer
+            targets = torch.tensor([e.target for e in batch])
+            answer = soft_answer_loss(
+                chunk_answer_logits(self.model, batch), targets, self.no_id, self.yes_id, two_way=two_way
+            )
+            return answer, _loss_parts(answer, answer, torch.zeros(()), targets)
         hidden = self._hidden(batch)
         answer_logits = self._lm_head(hidden[batch.answer_index])
-        answer = soft_answer_loss(
-            answer_logits, batch.targets, self.no_id, self.yes_id, two_way=cfg.answer_loss == "two_way"
-        )
+        answer = soft_answer_loss(answer_logits, batch.targets, self.no_id, self.yes_id, two_way=two_way)
         reg = torch.zeros(())
         if cfg.regularizer != "none" and cfg.regularizer_weight > 0 and batch.response_index.numel():
             logits = self._lm_head(hidden[batch.response_index]).float()
@@ -303,14 +396,7 @@ class SelfEvalTrainer:
                     reduction="batchmean",
                 )
         loss = answer + cfg.regularizer_weight * reg
-        floor = target_entropy(batch.targets)  # the least either answer loss can reach
-        parts = {
-            "loss": float(loss.detach()),
-            "answer_loss": float(answer.detach()),
-            "excess_answer_loss": float(answer.detach() - floor),
-            "regularizer": float(reg.detach()),
-        }
-        return loss, parts
+        return loss, _loss_parts(loss, answer, reg, batch.targets)
 
     def train(self, *, progress: bool = True) -> TrainResult:
         """Run the optimiser over the examples for ``epochs`` (or ``max_steps``); return the history."""
@@ -334,7 +420,9 @@ class SelfEvalTrainer:
             for idx in length_batches(lengths, cfg.batch_tokens, rng):
                 if step >= total:
                     break
-                loss, parts = self.compute_loss(collate([self.examples[i] for i in idx]))
+                chosen = [self.examples[i] for i in idx]
+                batch = chosen if self.config.scope == "self_evaluation" else collate(chosen)  # type: ignore[arg-type]
+                loss, parts = self.compute_loss(batch)  # type: ignore[arg-type]
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -363,7 +451,7 @@ class SelfEvalTrainer:
         return self.result
 
     def save(self, path: str | None = None) -> Path:
-        """Save the adapter (PEFT format, valid for vLLM's ``LoRARequest``), the config and the log.
+        """Save the adapter (PEFT format; vLLM serves it unless scoped), its scope, the config and the log.
 
         Returns:
             The folder written (``config.output_dir`` unless ``path`` is given).
@@ -377,11 +465,22 @@ class SelfEvalTrainer:
         if self.config.model is None:
             adapter_config["base_model_name_or_path"] = HF_BASE_MODEL_ID
         config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+        write_adapter_scope(out, self.config.scope)  # engines run a scoped adapter on the chunk only
         (out / "training_config.json").write_text(self.config.model_dump_json(indent=2) + "\n")
         result = getattr(self, "result", None)
         if result is not None:
             (out / "train_log.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
         return out
+
+
+def _loss_parts(loss: torch.Tensor, answer: torch.Tensor, reg: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """The logged parts of a batch's loss; the excess answer loss is above the least it can reach."""
+    return {
+        "loss": float(loss.detach()),
+        "answer_loss": float(answer.detach()),
+        "excess_answer_loss": float(answer.detach() - target_entropy(targets)),
+        "regularizer": float(reg.detach()),
+    }
 
 
 def _warmup_cosine(warmup: int, total: int) -> Any:
