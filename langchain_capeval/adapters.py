@@ -12,10 +12,17 @@ in its folder):
   it into the weights; generation and self-evaluation share one KV cache.
 - ``"self_evaluation"``: trained on the self-evaluation chunk only (the pending last token and
   the self-evaluation turn), over a KV cache the *base* weights wrote for the prompt and the
-  response (``bench/suffix_lora.py``; docs/training.md sections 8-11). Generation is then the
-  base model's exactly; the transformers engine keeps two weight sets (the base for decoding,
-  the merge for the self-evaluation forward over the base cache). vLLM has no such mode (a
-  ``LoRARequest`` adapts every token of the prompt), so its engine refuses these adapters.
+  response (``capeval train --scope self_evaluation``, or ``bench/suffix_lora.py``; docs/training.md
+  sections 8-12). Generation is then the base model's exactly; the transformers engine keeps two
+  weight sets (the base for decoding, the merge for the self-evaluation forward over the base
+  cache). vLLM has no such mode (a ``LoRARequest`` adapts every token of the prompt), so its
+  engine refuses these adapters.
+
+The same file may record the **policy** fields the adapter was measured with
+(:func:`adapter_policy`, e.g. ``{"accept_threshold": 0.7}``): each adapter's P(win or tie) has its
+own calibration, so the threshold that spends compute well is the adapter's. ``ChatCapEval``,
+``capeval serve`` and the Studio graph start from them; fields the caller sets win
+(:func:`policy_for_adapter`).
 
 Two adapters ship for the embedded default, by name: :data:`DEFAULT_ADAPTER` (``adapter="default"``,
 scope ``every_token``) and :data:`PARTIAL_CREDIT_ADAPTER` (scope ``self_evaluation``, trained on
@@ -34,19 +41,23 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from langchain_capeval.errors import CapEvalInputError, MissingExtraError, ModelNotInstalledError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from langchain_capeval.config import CapEvalConfig
+
 AdapterScope = Literal["every_token", "self_evaluation"]
 """Which tokens an adapter was trained to run on (see the module docstring)."""
 
 SCOPE_FILE = "capeval_adapter.json"
-"""The file in an adapter folder that records its scope: ``{"scope": "self_evaluation"}``."""
+"""The file in an adapter folder that records its scope and the policy it was measured with:
+``{"scope": "self_evaluation", "policy": {"accept_threshold": 0.7}}``."""
 
 DEFAULT_ADAPTER = "smollm2-135m-selfeval"
 """The adapter ``ChatCapEval()`` loads for the embedded default (``adapter="default"``)."""
@@ -68,6 +79,20 @@ def default_adapter_path() -> Path | None:
     return shipped_adapter_path(DEFAULT_ADAPTER)
 
 
+def _adapter_file(adapter: str | os.PathLike[str]) -> dict[str, Any]:
+    """The adapter folder's ``capeval_adapter.json`` as a dict (``{}`` without one)."""
+    path = check_adapter(adapter) / SCOPE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CapEvalInputError(f'{path}: expected a JSON object like {{"scope": "self_evaluation"}}') from e
+    if not isinstance(data, dict):
+        raise CapEvalInputError(f'{path}: expected a JSON object like {{"scope": "self_evaluation"}}')
+    return data
+
+
 def adapter_scope(adapter: str | os.PathLike[str]) -> AdapterScope:
     """The scope an adapter folder records in ``capeval_adapter.json`` (``"every_token"`` without one).
 
@@ -76,25 +101,88 @@ def adapter_scope(adapter: str | os.PathLike[str]) -> AdapterScope:
         CapEvalInputError: ``capeval_adapter.json`` is not JSON or names an unknown scope.
 
     """
-    path = check_adapter(adapter) / SCOPE_FILE
-    if not path.is_file():
-        return "every_token"
-    try:
-        scope = json.loads(path.read_text()).get("scope")
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise CapEvalInputError(f'{path}: expected a JSON object like {{"scope": "self_evaluation"}}') from e
+    scope = _adapter_file(adapter).get("scope", "every_token")
     if scope not in get_args(AdapterScope):
+        path = Path(adapter) / SCOPE_FILE
         raise CapEvalInputError(f"{path}: scope {scope!r} is not one of {', '.join(get_args(AdapterScope))}")
     return scope
 
 
-def write_adapter_scope(adapter: str | os.PathLike[str], scope: AdapterScope) -> None:
-    """Record ``scope`` in an adapter folder (``"every_token"`` removes the file: it is the default)."""
+def adapter_policy(adapter: str | os.PathLike[str]) -> dict[str, Any]:
+    """The policy fields an adapter was measured with: ``"policy"`` in ``capeval_adapter.json`` (``{}`` without).
+
+    An adapter's P(win or tie) has its own calibration, so the accept threshold that spends compute
+    well differs between adapters (the partial-credit adapter's is 0.7, the default policy's 0.8).
+    ``ChatCapEval``, ``capeval serve`` and the Studio graph start from these fields; what the caller
+    sets wins (:func:`policy_for_adapter`).
+
+    Raises:
+        ModelNotInstalledError: ``adapter`` is not a folder holding ``adapter_config.json``.
+        CapEvalInputError: ``"policy"`` is not an object of valid ``CapEvalConfig`` fields; the message names
+            the file and the field.
+
+    Example:
+        >>> adapter_policy(shipped_adapter_path("smollm2-135m-selfeval-partial-credit"))
+        {'accept_threshold': 0.7}
+        >>> adapter_policy(default_adapter_path())
+        {}
+
+    """
+    from pydantic import ValidationError
+
+    from langchain_capeval.config import CapEvalConfig
+
+    policy = _adapter_file(adapter).get("policy", {})
     path = Path(adapter) / SCOPE_FILE
-    if scope == "every_token":
+    if not isinstance(policy, dict):
+        raise CapEvalInputError(f'{path}: "policy" must be an object of CapEvalConfig fields, got {policy!r}')
+    try:
+        CapEvalConfig.model_validate(policy)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise CapEvalInputError(f'{path}: "policy": {problems}') from e
+    return dict(policy)
+
+
+def write_adapter_scope(
+    adapter: str | os.PathLike[str], scope: AdapterScope, policy: Mapping[str, Any] | None = None
+) -> None:
+    """Record ``scope`` (and the ``policy`` fields it was measured with) in an adapter folder.
+
+    ``"every_token"`` with no policy removes the file: it is the default.
+    """
+    path = Path(adapter) / SCOPE_FILE
+    if scope == "every_token" and not policy:
         path.unlink(missing_ok=True)
-    else:
-        path.write_text(json.dumps({"scope": scope}) + "\n")
+        return
+    data: dict[str, Any] = {"scope": scope}
+    if policy:
+        data["policy"] = dict(policy)
+    path.write_text(json.dumps(data) + "\n")
+
+
+def policy_for_adapter(model: str | None, adapter: str | None, given: Mapping[str, Any]) -> CapEvalConfig:
+    """The policy of a model running ``adapter``: ``given`` fields over the adapter's (:func:`adapter_policy`).
+
+    Fields nobody gives keep :class:`~langchain_capeval.config.CapEvalConfig`'s defaults.
+
+    Raises:
+        ModelNotInstalledError: ``adapter`` names no adapter folder.
+        CapEvalInputError: a shipped adapter named for another model, or a malformed ``capeval_adapter.json``.
+        pydantic.ValidationError: a ``given`` field is invalid.
+
+    Example:
+        >>> policy_for_adapter(None, "smollm2-135m-selfeval-partial-credit", {"max_samples": 4}).accept_threshold
+        0.7
+        >>> policy_for_adapter(None, "smollm2-135m-selfeval-partial-credit", {"accept_threshold": 0.9}).accept_threshold
+        0.9
+
+    """
+    from langchain_capeval.config import CapEvalConfig
+
+    path = resolve_adapter(model, adapter)
+    measured = adapter_policy(path) if path is not None else {}
+    return CapEvalConfig.model_validate({**measured, **dict(given)})
 
 
 def resolve_adapter(model: str | None, adapter: str | None) -> Path | None:

@@ -43,6 +43,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, ValidationError, model_vali
 from langchain_capeval.config import CapEvalConfig
 from langchain_capeval.engines.base import Engine
 from langchain_capeval.errors import (
+    CapEvalError,
     InvalidMessagesError,
     UnknownRowError,
     UnsupportedFeatureError,
@@ -120,6 +121,20 @@ def to_chat_dicts(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
     return out
 
 
+def _policy_for(values: dict[str, Any], fields: dict[str, Any]) -> CapEvalConfig:
+    """The policy fields given, over those the adapter was measured with (``adapters.adapter_policy``).
+
+    A given ``engine`` brings no adapter to read. An adapter that cannot be read leaves the defaults:
+    building the engine reports the problem, on first use, as it does without a policy.
+    """
+    if values.get("engine") is None:
+        from langchain_capeval.adapters import policy_for_adapter
+
+        with contextlib.suppress(CapEvalError):
+            return policy_for_adapter(values.get("model"), values.get("adapter", "default"), fields)
+    return CapEvalConfig.model_validate(fields)
+
+
 class ChatCapEval(BaseChatModel):
     """A chat model with adaptive inference-time compute by capability-aware self-evaluation.
 
@@ -145,7 +160,9 @@ class ChatCapEval(BaseChatModel):
     device: str = "cpu"
     """Torch device of the transformers engine."""
     policy: CapEvalConfig = Field(default_factory=CapEvalConfig)
-    """How compute is spent; see :class:`CapEvalConfig`."""
+    """How compute is spent; see :class:`CapEvalConfig`. Fields not given take the adapter's measured ones
+    (``capeval_adapter.json``'s ``"policy"``, e.g. the partial-credit adapter's ``accept_threshold=0.7``), then
+    the defaults."""
     stop: list[str] | None = None
     """Stop strings applied to every call, besides the call's own ``stop``."""
     engine: Engine | None = Field(default=None, exclude=True)
@@ -165,14 +182,14 @@ class ChatCapEval(BaseChatModel):
             return values
         values = dict(values)
         policy = values.get("policy")
-        fields = dict(policy.model_dump()) if isinstance(policy, CapEvalConfig) else dict(policy or {})
+        fields = policy.model_dump(exclude_unset=True) if isinstance(policy, CapEvalConfig) else dict(policy or {})
         if "max_tokens" in values and values["max_tokens"] is not None:
             fields["max_new_tokens"] = values.pop("max_tokens")
         values.pop("max_tokens", None)
         for name in CapEvalConfig.field_names():
             if name in values:
                 fields[name] = values.pop(name)
-        values["policy"] = CapEvalConfig.model_validate(fields)
+        values["policy"] = _policy_for(values, fields)
         for name in IGNORED_STANDARD_PARAMS:
             values.pop(name, None)
         unknown = sorted(set(values) - set(cls.model_fields))

@@ -165,11 +165,11 @@ class CapEvalNodes:
         self.eval_tokens = len(engine.chat_format.self_evaluation_suffix) + 1
 
     def settings(self, runtime: Runtime[CapEvalConfig] | None) -> CapEvalConfig:
-        """The run's config: the context if given, else the graph's default."""
+        """The run's config: the fields the context sets, over the graph's default (which may hold an adapter's)."""
         ctx = runtime.context if runtime is not None else None
         if ctx is None:
             return self.config
-        return ctx if isinstance(ctx, CapEvalConfig) else self.config.merged(dict(ctx))
+        return self.config.merged(ctx.model_dump(exclude_unset=True) if isinstance(ctx, CapEvalConfig) else dict(ctx))
 
     def _usage(self, state: CapEvalState) -> dict[str, float]:
         u = self.engine.usage(state["request_id"])

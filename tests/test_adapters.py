@@ -21,12 +21,15 @@ from langchain_capeval.adapters import (
     DEFAULT_ADAPTER,
     PARTIAL_CREDIT_ADAPTER,
     SCOPE_FILE,
+    adapter_policy,
     adapter_scope,
     default_adapter_path,
+    policy_for_adapter,
     resolve_adapter,
     shipped_adapter_path,
     write_adapter_scope,
 )
+from langchain_capeval.config import CapEvalConfig
 from langchain_capeval.engines.decoding import answer_probabilities, win_or_tie_probability
 from langchain_capeval.engines.transformers import TransformersEngine
 from langchain_capeval.engines.vllm import VLLMEngine, VLLMEngineConfig
@@ -155,3 +158,51 @@ def test_eval_selfeval_runs_a_scoped_adapter_as_the_engine_does(tmp_path: Path) 
     assert same == [(r["task_id"], r["num_tokens"], r["correct"]) for r in by_model["adapted"]]
     pairs = zip(by_model["base"], by_model["adapted"], strict=True)
     assert any(abs(a["p_full"] - b["p_full"]) > 0.05 for a, b in pairs), "the adapter self-evaluates"
+
+
+def test_an_adapters_measured_policy_is_the_starting_point_and_callers_win(tmp_path: Path, engine) -> None:
+    """``capeval_adapter.json``'s ``"policy"``: read, validated, applied under what the caller sets."""
+    partial = shipped_adapter_path(PARTIAL_CREDIT_ADAPTER)
+    assert adapter_policy(partial) == {"accept_threshold": 0.7}
+    assert adapter_policy(default_adapter_path()) == {}
+    assert CapEvalConfig().accept_threshold == 0.8
+
+    assert ChatCapEval(adapter=PARTIAL_CREDIT_ADAPTER).policy.accept_threshold == 0.7
+    assert ChatCapEval().policy.accept_threshold == 0.8
+    assert ChatCapEval(adapter=PARTIAL_CREDIT_ADAPTER, accept_threshold=0.9).policy.accept_threshold == 0.9
+    given = ChatCapEval(adapter=PARTIAL_CREDIT_ADAPTER, policy=CapEvalConfig(max_samples=3)).policy
+    assert (given.accept_threshold, given.max_samples) == (0.7, 3)
+    assert ChatCapEval(adapter=PARTIAL_CREDIT_ADAPTER, policy={"accept_threshold": 0.5}).policy.accept_threshold == 0.5
+    assert ChatCapEval(engine=engine, adapter=PARTIAL_CREDIT_ADAPTER).policy.accept_threshold == 0.8  # no adapter read
+
+    mine = tmp_path / "mine"
+    shutil.copytree(default_adapter_path(), mine)
+    write_adapter_scope(mine, "every_token", {"accept_threshold": 0.6, "max_samples": 4})
+    assert adapter_scope(mine) == "every_token" and adapter_policy(mine) == {"accept_threshold": 0.6, "max_samples": 4}
+    policy = policy_for_adapter(None, str(mine), {"max_samples": 2})
+    assert (policy.accept_threshold, policy.max_samples) == (0.6, 2)
+    assert policy_for_adapter(None, None, {}) == CapEvalConfig()
+    for text, problem in (
+        ('{"policy": [0.7]}', "must be an object"),
+        ('{"policy": {"accept_threshold": 1.5}}', "accept_threshold"),
+        ('{"policy": {"acept_threshold": 0.7}}', "acept_threshold"),
+    ):
+        (mine / SCOPE_FILE).write_text(text)
+        with pytest.raises(CapEvalInputError, match=problem) as info:
+            adapter_policy(mine)
+        assert SCOPE_FILE in str(info.value)
+    # A broken adapter folder does not fail construction: the engine reports it on first use, as before.
+    assert ChatCapEval(adapter=str(tmp_path / "missing")).policy == CapEvalConfig()
+
+
+def test_a_graph_run_context_sets_only_its_fields_over_the_graphs_policy(engine) -> None:
+    """LangGraph Studio's per-run context: unset fields keep the graph's default (an adapter's measured fields)."""
+    from langchain_capeval.graph import build_graph
+
+    graph = build_graph(engine, CapEvalConfig(accept_threshold=1.0, max_samples=3, max_new_tokens=6))
+    final = graph.invoke(
+        {"messages": [{"role": "user", "content": "What is 2 + 2?"}]}, context=CapEvalConfig(seed=5, max_new_tokens=4)
+    )
+    assert (len(final["samples"]), final["stop_reason"]) == (3, "max_samples")  # threshold 1.0 and budget 3 kept
+    assert all(s["num_tokens"] <= 4 for s in final["samples"])  # the context's own field applies
+    assert engine.live_rows == 0

@@ -41,13 +41,13 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     require_serve_extra()
     import uvicorn
 
+    from langchain_capeval.adapters import policy_for_adapter
     from langchain_capeval.cli import _policy_from
-    from langchain_capeval.config import CapEvalConfig
     from langchain_capeval.engines.transformers import TransformersEngine, TransformersEngineConfig
     from langchain_capeval.server.app import ServerConfig, create_app
 
-    policy = CapEvalConfig(**_policy_from(ns))
     adapter = None if ns.no_adapter else ns.adapter
+    policy = policy_for_adapter(ns.model, adapter, _policy_from(ns))  # flags over the adapter's measured fields
     engine = TransformersEngine.from_config(TransformersEngineConfig(model=ns.model, adapter=adapter, device=ns.device))
     settings: dict[str, Any] = {"served_model_name": ns.served_model_name}
     if ns.max_body_bytes is not None:
