@@ -12,7 +12,7 @@ the loss is the two-way soft cross-entropy on the answer token against the win-o
 
 ``eval``: the section 6 evaluation (same tasks, seeds and sampling) with an engine that
 generates with the base weights and self-evaluates with the adapted ones over the base
-model's cache (``TransformersEngine(selfeval_model=...)``, what the engine does for any adapter
+model's cache (``TransformersEngine(selfeval_lora=...)``, what the engine does for any adapter
 whose ``capeval_adapter.json`` says ``"scope": "self_evaluation"``, which ``train`` writes);
 writes ``selfeval_eval.json``.
 
@@ -50,6 +50,7 @@ import torch
 from langchain_capeval.adapters import write_adapter_scope
 from langchain_capeval.chat_format import ChatFormat
 from langchain_capeval.engines.cpu import run_in_own_thread
+from langchain_capeval.engines.lora import SelfEvaluationLoRA
 from langchain_capeval.engines.transformers import TransformersEngine
 from langchain_capeval.models import load_model
 from langchain_capeval.training.config import SelfEvalEvalConfig
@@ -278,8 +279,8 @@ def evaluate(args: argparse.Namespace) -> None:
     )
     trained, heldout = evaluation_tasks(cfg)
     base = run_in_own_thread(lambda: load_model(None))
-    adapted = run_in_own_thread(lambda: load_model(None, adapter=args.adapter, cache_merged=False))
-    engine = TransformersEngine(base.model, base.tokenizer, name="base+chunk-only-lora", selfeval_model=adapted.model)
+    lora = SelfEvaluationLoRA.load(base.model, args.adapter)
+    engine = TransformersEngine(base.model, base.tokenizer, name="base+chunk-only-lora", selfeval_lora=lora)
     start = time.perf_counter()
     samples = collect_self_evaluations(engine, trained + heldout, cfg)
     held = {t.id for t in heldout}

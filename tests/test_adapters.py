@@ -106,7 +106,9 @@ def test_self_evaluation_scoped_adapter_leaves_generation_the_base_models(engine
     assert msg.content and msg.response_metadata["samples"]
     chunk = llm.engine
     assert isinstance(chunk, TransformersEngine) and chunk.model_name.endswith("+selfeval")
-    assert chunk.selfeval_model is not None
+    lora = chunk.selfeval_lora
+    assert lora is not None and len(lora.updates) == 30 * 7  # every projection of every layer
+    assert lora.model is chunk.model and lora.nbytes < 25 * 2**20  # the adapter's tensors, no second model
 
     base_tokens, base_scores = _samples_and_scores(engine)
     tokens, scores = _samples_and_scores(chunk)
@@ -206,3 +208,41 @@ def test_a_graph_run_context_sets_only_its_fields_over_the_graphs_policy(engine)
     assert (len(final["samples"]), final["stop_reason"]) == (3, "max_samples")  # threshold 1.0 and budget 3 kept
     assert all(s["num_tokens"] <= 4 for s in final["samples"])  # the context's own field applies
     assert engine.live_rows == 0
+
+
+def test_self_evaluation_lora_adds_the_adapters_update_only_inside_active(tmp_path: Path) -> None:
+    """The hooks compute the merged model's function, leave nothing behind, and refuse what they cannot run."""
+    from langchain_capeval.adapters import apply_adapter
+    from langchain_capeval.engines.lora import SelfEvaluationLoRA
+    from langchain_capeval.errors import UnsupportedFeatureError
+
+    partial = shipped_adapter_path(PARTIAL_CREDIT_ADAPTER)
+    assert partial is not None
+    base = load_model(None).model
+    merged = apply_adapter(load_model(None).model, partial)
+    lora = SelfEvaluationLoRA.load(base, partial)
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 2, 30, 216]])
+    with torch.inference_mode():
+        before = base(ids).logits
+        with lora.active():
+            inside = base(ids).logits
+        after = base(ids).logits
+        want = merged(ids).logits
+    assert torch.equal(before, after), "no hook outlives the block"
+    assert (inside - want).abs().max() < 1e-3 < (before - want).abs().max()
+
+    bad = tmp_path / "bad"
+    for setting, error, problem in (
+        ({"use_dora": True}, UnsupportedFeatureError, "use_dora"),
+        ({"rank_pattern": {"q_proj": 4}}, UnsupportedFeatureError, "rank_pattern"),
+        ({"bias": "all"}, UnsupportedFeatureError, "bias"),
+        ({"r": 8}, CapEvalInputError, "another model"),
+    ):
+        shutil.rmtree(bad, ignore_errors=True)
+        shutil.copytree(partial, bad)
+        config = json.loads((bad / "adapter_config.json").read_text())
+        (bad / "adapter_config.json").write_text(json.dumps(config | setting))
+        with pytest.raises(error, match=problem):
+            SelfEvaluationLoRA.load(base, bad)
+    with pytest.raises(CapEvalInputError, match="does not have"):
+        SelfEvaluationLoRA.load(torch.nn.Sequential(torch.nn.Linear(4, 4)), partial)

@@ -27,6 +27,7 @@ RUNS = {
     "engine_bench.py": ["--batch", "2", "--new-tokens", "8", "--drop-at", "4", "--repeats", "1", "--adapter", "none"],
     "selfeval_floor.py": ["--batch", "2", "--new-tokens", "8", "--repeats", "1", "--adapter", "none"],
     "load_bench.py": ["throughput", "--requests", "2", "--max-tokens", "6", "--repeats", "1", "--adapter", "none"],
+    "adapter_bench.py": ["--repeats", "1", "--new-tokens", "4"],
 }
 
 
@@ -144,5 +145,9 @@ def test_bench_program_runs_and_writes_json(script: str, tmp_path: Path) -> None
         assert all(r["packed_ms"] > 0 and r["plain_ms"] > 0 and r["second_team_ms"] > 0 for r in result["rows"])
     elif script == "load_bench.py":
         assert result["runs"]["sequential"]["generated_tokens"] == result["runs"]["concurrent"]["generated_tokens"]
+    elif script == "adapter_bench.py":
+        assert set(result["memory"]) == {"base", "lora", "merged_copy"}
+        assert 15 < result["lora_mib"] < 25  # the adapter's own tensors (19.6 MB on disk)
+        assert all(t["decode_s"] > 0 and t["selfeval_s"] > 0 for t in result["time"].values())
     else:
         assert result  # the program's own checks (equal tokens, exact P("No")) ran before it wrote

@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 import uuid
@@ -48,6 +49,7 @@ from langchain_capeval.engines.base import FinishReason, RowId, Sample, SelfEval
 from langchain_capeval.engines.cpu import pack_decoder_linears, pack_output_projection, run_in_own_thread
 from langchain_capeval.engines.decoding import answer_probabilities, sample_next_tokens, win_or_tie_probability
 from langchain_capeval.engines.kv_batch import KVBatch, left_padded_chunk
+from langchain_capeval.engines.lora import SelfEvaluationLoRA
 from langchain_capeval.engines.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache
 from langchain_capeval.engines.scheduler import DecodeCall, StepScheduler
 from langchain_capeval.errors import (
@@ -60,8 +62,6 @@ from langchain_capeval.errors import (
 from langchain_capeval.sampling import SamplingParams
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from langchain_capeval.models import LoadedModel, LoadReport
@@ -137,14 +137,15 @@ class TransformersEngine:
 
     Args:
         model: A causal LM (an ``every_token`` adapter already merged in): it decodes, and self-evaluates
-            unless ``selfeval_model`` is given.
+            with ``selfeval_lora`` added there if given.
         tokenizer: Its tokenizer, with a chat template.
         name: Display name of the model.
         prefix_cache: Where ended requests' prompt caches are kept for prefix reuse;
             ``None`` turns prefix caching off.
-        selfeval_model: The same architecture with a ``self_evaluation``-scoped adapter merged in
-            (:mod:`langchain_capeval.adapters`): it runs only the self-evaluation forward, over the
-            KV cache ``model`` wrote, so generation stays ``model``'s exactly.
+        selfeval_lora: A ``self_evaluation``-scoped adapter (:mod:`langchain_capeval.adapters`) for
+            ``model``, held beside its weights (:class:`~langchain_capeval.engines.lora.SelfEvaluationLoRA`):
+            active only in the self-evaluation forward, over the KV cache ``model`` wrote, so
+            generation stays ``model``'s exactly.
     """
 
     def __init__(
@@ -153,10 +154,10 @@ class TransformersEngine:
         tokenizer: PreTrainedTokenizerBase,
         name: str = "model",
         prefix_cache: PrefixCache | None = None,
-        selfeval_model: PreTrainedModel | None = None,
+        selfeval_lora: SelfEvaluationLoRA | None = None,
     ) -> None:
         self.model = model
-        self.selfeval_model = selfeval_model
+        self.selfeval_lora = selfeval_lora
         self.tokenizer = tokenizer
         self._name = name
         self._format = ChatFormat(tokenizer)
@@ -183,29 +184,29 @@ class TransformersEngine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         adapter = resolve_adapter(config.model, config.adapter)
-        # A self-evaluation-scoped adapter: decode with the base weights, self-evaluate with the merge.
+        # A self-evaluation-scoped adapter: decode with the base weights, add the adapter for the chunk only.
         chunk_only = adapter is not None and adapter_scope(adapter) == "self_evaluation"
 
-        def load(adapter: Path | None, pack: bool) -> LoadedModel:
+        def load() -> LoadedModel:
             loaded = load_model(
                 config.model,
-                adapter=adapter,
+                adapter=None if chunk_only else adapter,
                 cache_merged=config.cache_merged,
                 device=config.device,
                 dtype=config.dtype,
             )
-            if pack and config.pack_output_projection:
+            if config.pack_output_projection:
                 pack_output_projection(loaded.model)
-            if pack and config.pack_linear_layers:
+            if config.pack_linear_layers:
                 pack_decoder_linears(loaded.model)
             return loaded
 
         # Loading runs parallel ops; on a thread of its own, no OpenMP team outlives it (see engines.cpu).
-        loaded = run_in_own_thread(lambda: load(None if chunk_only else adapter, pack=True))
-        selfeval = run_in_own_thread(lambda: load(adapter, pack=False)).model if chunk_only else None
+        loaded = run_in_own_thread(load)
+        lora = SelfEvaluationLoRA.load(loaded.model, adapter) if chunk_only and adapter is not None else None
         name = loaded.name + ("+selfeval" if adapter else "")
         prefix_cache = PrefixCache(config.prefix_cache_bytes) if config.prefix_caching else None
-        engine = cls(loaded.model, loaded.tokenizer, name=name, prefix_cache=prefix_cache, selfeval_model=selfeval)
+        engine = cls(loaded.model, loaded.tokenizer, name=name, prefix_cache=prefix_cache, selfeval_lora=lora)
         engine.load_report = loaded.report
         return engine
 
@@ -412,8 +413,8 @@ class TransformersEngine:
         chunks = [[r.token_ids[-1], *self._format.suffix_after(r.token_ids)] for r in order]
         ids, mask = left_padded_chunk(chunks)
         length, next_pos = batch.length, batch.next_pos
-        model = self.selfeval_model if self.selfeval_model is not None else self.model
-        logits = batch.forward(model, ids.to(self._device), mask.to(self._device))
+        with self.selfeval_lora.active() if self.selfeval_lora is not None else contextlib.nullcontext():
+            logits = batch.forward(self.model, ids.to(self._device), mask.to(self._device))
         batch.truncate(length, next_pos)
         p_no, p_yes = answer_probabilities(logits, self._no_id, self._yes_id)
         elapsed = time.perf_counter() - start
