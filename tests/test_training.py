@@ -46,6 +46,7 @@ from langchain_capeval.training.trainer import (
     build_examples,
     chunk_answer_logits,
     length_batches,
+    shuffled_batches,
     soft_answer_loss,
 )
 
@@ -236,10 +237,16 @@ def test_soft_answer_loss_and_batches() -> None:
     two = torch.log_softmax(logits[:, :2], -1)[0]
     got = float(soft_answer_loss(logits, torch.tensor([0.75]), 0, 1, two_way=True))
     assert got == pytest.approx(float(-(0.75 * two[0] + 0.25 * two[1])))
-    batches = length_batches([5, 3, 9, 4, 3], batch_tokens=10, rng=random.Random(1))
-    assert sorted(i for b in batches for i in b) == [0, 1, 2, 3, 4]
     lengths = [5, 3, 9, 4, 3]
-    assert all(max(lengths[i] for i in b) * len(b) <= 10 or len(b) == 1 for b in batches)
+    for make in (length_batches, shuffled_batches):
+        batches = make(lengths, batch_tokens=10, rng=random.Random(1))
+        assert sorted(i for b in batches for i in b) == [0, 1, 2, 3, 4]
+        assert all(max(lengths[i] for i in b) * len(b) <= 10 or len(b) == 1 for b in batches)
+    # length batches sort; shuffled ones mix lengths (so families): on 40 lengths in two groups, most batches mix
+    two_groups = [10] * 20 + [30] * 20
+    mixed = lambda bs: sum(len({two_groups[i] for i in b}) > 1 for b in bs)  # noqa: E731
+    assert mixed(length_batches(two_groups, 120, random.Random(0))) <= 1
+    assert mixed(shuffled_batches(two_groups, 120, random.Random(0))) >= 5
 
 
 # --- on the real model -------------------------------------------------------------------------
@@ -469,7 +476,7 @@ def test_self_evaluation_scoped_training_runs_as_the_engine_does(
         batch_tokens=100_000,
         log_every=1,
     )
-    assert config.regularizer == "none"
+    assert (config.regularizer, config.batch_order) == ("none", "shuffled")  # the scope's defaults
     loaded = load_model(None)
     trainer = SelfEvalTrainer(loaded.model, loaded.tokenizer, config, records=records)
     fmt = engine.chat_format

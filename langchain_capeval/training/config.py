@@ -215,6 +215,12 @@ class SelfEvalTrainingConfig(_Config):
     batch_tokens: int = Field(default=2048, ge=64)
     """Most tokens (padded) per optimiser step; sequences of similar length are batched together."""
 
+    batch_order: Literal["length", "shuffled"] | None = None
+    """``length``: sequences of similar length batched together (least padding); ``shuffled``: batches in a
+    random order, mixing lengths and so task families (more padding); ``None``: ``length`` for
+    ``scope="every_token"`` (the default adapter's recipe), ``shuffled`` for ``scope="self_evaluation"``
+    (measured: pooled AUROC 0.741 against 0.658 with ``length``; docs/training.md section 13)."""
+
     max_grad_norm: float = Field(default=1.0, gt=0.0)
     """Gradient clipping norm."""
 
@@ -243,11 +249,13 @@ class SelfEvalTrainingConfig(_Config):
 
     @model_validator(mode="before")
     @classmethod
-    def _regularizer_for_scope(cls, values: Any) -> Any:
-        """Resolve ``regularizer=None`` from the scope (the saved config says what ran); refuse a mismatch."""
+    def _defaults_for_scope(cls, values: Any) -> Any:
+        """Resolve ``regularizer`` and ``batch_order`` left unset from the scope; refuse a regularizer it can't use."""
         if not isinstance(values, dict):
             return values
         scoped = values.get("scope") == "self_evaluation"
+        if values.get("batch_order") is None:
+            values = {**values, "batch_order": "shuffled" if scoped else "length"}
         regularizer = values.get("regularizer")
         if regularizer is None:
             return {**values, "regularizer": "none" if scoped else "sft"}

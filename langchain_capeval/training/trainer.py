@@ -206,6 +206,32 @@ def length_batches(lengths: Sequence[int], batch_tokens: int, rng: random.Random
     return batches
 
 
+def shuffled_batches(lengths: Sequence[int], batch_tokens: int, rng: random.Random) -> list[list[int]]:
+    """Group indices in a random order into batches whose padded size stays under ``batch_tokens``.
+
+    Unlike :func:`length_batches`, a batch mixes lengths (more padding) and so task families, whose
+    lengths differ: every step then sees the spread of targets the whole data has.
+
+    Example:
+        >>> shuffled_batches([5, 3, 9, 4], batch_tokens=10, rng=random.Random(0))
+        [[2], [0, 1], [3]]
+
+    """
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        width = max(lengths[i], max((lengths[j] for j in current), default=0))
+        if current and width * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
 def soft_answer_loss(
     logits: torch.Tensor, targets: torch.Tensor, no_id: int, yes_id: int, *, two_way: bool = False
 ) -> torch.Tensor:
@@ -405,7 +431,8 @@ class SelfEvalTrainer:
         cfg = self.config
         rng = random.Random(cfg.seed)
         lengths = [len(e) for e in self.examples]
-        per_epoch = len(length_batches(lengths, cfg.batch_tokens, random.Random(0)))
+        make_batches = shuffled_batches if cfg.batch_order == "shuffled" else length_batches
+        per_epoch = len(make_batches(lengths, cfg.batch_tokens, random.Random(0)))
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -417,7 +444,7 @@ class SelfEvalTrainer:
         bar = tqdm(total=total, desc="train", disable=not progress)
         step = 0
         while step < total:
-            for idx in length_batches(lengths, cfg.batch_tokens, rng):
+            for idx in make_batches(lengths, cfg.batch_tokens, rng):
                 if step >= total:
                     break
                 chosen = [self.examples[i] for i in idx]
