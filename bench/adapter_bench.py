@@ -25,8 +25,6 @@ import argparse
 import ctypes
 import gc
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -34,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from load_bench import machine, rss_bytes  # a sibling script: bench/ is on the path when run
 
 from langchain_capeval.adapters import PARTIAL_CREDIT_ADAPTER, shipped_adapter_path
 from langchain_capeval.engines.cpu import run_in_own_thread
@@ -54,12 +53,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default="results/adapter_bench.json")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)  # one memory measurement
     return parser.parse_args()
-
-
-def rss_bytes() -> int:
-    """Resident set size of this process (Linux ``/proc``)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def engine(adapter: str | None, threads: int | None) -> TransformersEngine:
@@ -155,13 +148,7 @@ def main() -> None:
             "decode_lora_over_base": round(times["lora"]["decode_s"] / times["base"]["decode_s"], 3),
             "selfeval_lora_over_base": round(times["lora"]["selfeval_s"] / times["base"]["selfeval_s"], 3),
         },
-        "machine": {
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "load_avg": os.getloadavg(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
+        "machine": machine(),
     }
     print(f"| engine | RSS MiB | over base MiB | decode s (16 x {args.new_tokens}) | self-evaluation s (16 rows) |")
     print("|---|---|---|---|---|")

@@ -192,16 +192,7 @@ def length_batches(lengths: Sequence[int], batch_tokens: int, rng: random.Random
 
     """
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random()))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        width = max(lengths[i], max((lengths[j] for j in current), default=0))
-        if current and width * (len(current) + 1) > batch_tokens:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
+    batches = _cut(order, lengths, batch_tokens)
     rng.shuffle(batches)
     return batches
 
@@ -219,6 +210,11 @@ def shuffled_batches(lengths: Sequence[int], batch_tokens: int, rng: random.Rand
     """
     order = list(range(len(lengths)))
     rng.shuffle(order)
+    return _cut(order, lengths, batch_tokens)
+
+
+def _cut(order: Sequence[int], lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Cut ``order`` greedily into batches whose padded size (longest x count) stays under ``batch_tokens``."""
     batches: list[list[int]] = []
     current: list[int] = []
     for i in order:
