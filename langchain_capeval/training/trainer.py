@@ -40,7 +40,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,7 +53,7 @@ from langchain_capeval.chat_format import ChatFormat
 from langchain_capeval.engines.kv_batch import left_padded_chunk
 from langchain_capeval.errors import MissingExtraError
 from langchain_capeval.training.config import SelfEvalTrainingConfig
-from langchain_capeval.training.dataset import PromptRecord, read_records
+from langchain_capeval.training.dataset import PromptRecord, SampleRecord, read_records
 from langchain_capeval.training.examples import (
     Batch,
     ChunkExample,
@@ -100,17 +100,24 @@ def build_examples(
     suffix = chat_format.self_evaluation_suffix
     eos = chat_format.eos_token_ids
     out: list[PackedSample] = []
+    for record, s, lengths in _evaluated_lengths(records, exclude_families, samples_per_prompt, prefixes):
+        targets = [s.target] * len(lengths)
+        if pack:
+            out.append(pack_sample(record.prompt_ids, s.token_ids, suffix, lengths, targets, eos))
+        else:
+            out.extend(unpack_sample(record.prompt_ids, s.token_ids, suffix, lengths, targets, eos))
+    return out
+
+
+def _evaluated_lengths(
+    records: Sequence[PromptRecord], exclude_families: Sequence[str], samples_per_prompt: int | None, prefixes: bool
+) -> Iterator[tuple[PromptRecord, SampleRecord, list[int]]]:
+    """The samples training selects, each with its evaluated lengths: the full response, then its prefixes."""
     for record in records:
         if record.family in exclude_families:
             continue
         for s in record.samples[:samples_per_prompt]:
-            lengths = [len(s.token_ids), *(s.prefix_lengths if prefixes else ())]
-            targets = [s.target] * len(lengths)
-            if pack:
-                out.append(pack_sample(record.prompt_ids, s.token_ids, suffix, lengths, targets, eos))
-            else:
-                out.extend(unpack_sample(record.prompt_ids, s.token_ids, suffix, lengths, targets, eos))
-    return out
+            yield record, s, [len(s.token_ids), *(s.prefix_lengths if prefixes else ())]
 
 
 def build_chunk_examples(
@@ -133,14 +140,11 @@ def build_chunk_examples(
     """
     suffix = chat_format.self_evaluation_suffix
     eos = chat_format.eos_token_ids
-    out: list[ChunkExample] = []
-    for record in records:
-        if record.family in exclude_families:
-            continue
-        for s in record.samples[:samples_per_prompt]:
-            for k in [len(s.token_ids), *(s.prefix_lengths if prefixes else ())]:
-                out.append(ChunkExample.of(record.prompt_ids, s.token_ids, k, suffix, s.target, eos))
-    return out
+    return [
+        ChunkExample.of(record.prompt_ids, s.token_ids, k, suffix, s.target, eos)
+        for record, s, lengths in _evaluated_lengths(records, exclude_families, samples_per_prompt, prefixes)
+        for k in lengths
+    ]
 
 
 def chunk_answer_logits(model: Any, examples: Sequence[ChunkExample]) -> torch.Tensor:
