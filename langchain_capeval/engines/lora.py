@@ -54,6 +54,8 @@ class SelfEvaluationLoRA:
     def __init__(self, model: nn.Module, updates: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         self.model = model
         self.updates = updates
+        # the layers are found once here, not at every self-evaluation
+        self._layers = [(model.get_submodule(path), a, b) for path, (a, b) in updates.items()]
 
     @classmethod
     def load(cls, model: nn.Module, adapter: str | os.PathLike[str]) -> SelfEvaluationLoRA:
@@ -125,8 +127,8 @@ class SelfEvaluationLoRA:
         """Within the block, every adapted layer of the model adds its update; after it, nothing is left."""
         handles = []
         try:
-            for path, (a, b) in self.updates.items():
-                handles.append(self.model.get_submodule(path).register_forward_hook(_adds_update(a, b)))
+            for layer, a, b in self._layers:
+                handles.append(layer.register_forward_hook(_adds_update(a, b)))
             yield
         finally:
             for handle in handles:
