@@ -13,10 +13,10 @@ in its folder):
 - ``"self_evaluation"``: trained on the self-evaluation chunk only (the pending last token and
   the self-evaluation turn), over a KV cache the *base* weights wrote for the prompt and the
   response (``capeval train --scope self_evaluation``, or ``bench/suffix_lora.py``; docs/training.md
-  sections 8-12). Generation is then the base model's exactly; the transformers engine keeps two
-  weight sets (the base for decoding, the merge for the self-evaluation forward over the base
-  cache). vLLM has no such mode (a ``LoRARequest`` adapts every token of the prompt), so its
-  engine refuses these adapters.
+  sections 8-13). Generation is then the base model's exactly; the transformers engine decodes with
+  the base weights and adds the adapter's low-rank updates during the self-evaluation forward only,
+  over the base cache (:mod:`langchain_capeval.engines.lora`). vLLM has no such mode (a
+  ``LoRARequest`` adapts every token of the prompt), so its engine refuses these adapters.
 
 The same file may record the **policy** fields the adapter was measured with
 (:func:`adapter_policy`, e.g. ``{"accept_threshold": 0.7}``): each adapter's P(win or tie) has its
