@@ -29,6 +29,7 @@ from langchain_capeval.training.dataset import (
     PreferenceDataBuilder,
     choose_prefix_lengths,
     correctness_aurocs,
+    extend_folder,
     label_samples,
     read_records,
 )
@@ -164,6 +165,61 @@ def test_relabel_scores_the_same_samples_with_another_reward(
         == 2
     )
     assert "would tie near misses" in capsys.readouterr().err
+
+
+def test_extend_continues_cut_short_samples_to_the_longer_decoding(
+    engine: TransformersEngine,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    built_data_folder: Callable[[int], Path],
+) -> None:
+    """``capeval extend``: samples cut at 48 tokens decode on from their own tokens to 64; the rest stay; new labels."""
+    src = built_data_folder(2)
+    out = tmp_path / "longer"
+    card = extend_folder(src, out, engine, 64, prefix_lengths=(8, 16, 32), progress=False)
+    before, after = read_records(src / "preferences.jsonl"), read_records(out / "preferences.jsonl")
+    assert [r.task for r in after] == [r.task for r in before] and engine.live_rows == 0
+    eos = engine.chat_format.eos_token_ids
+    kinds = {"continued": 0, "kept": 0, "ended_on_the_way": 0}
+    for old, new in zip(before, after, strict=True):
+        assert new.prompt_ids == old.prompt_ids
+        for a, b in zip(old.samples, new.samples, strict=True):
+            assert b.token_ids[: len(a.token_ids)] == a.token_ids and b.seed == a.seed
+            assert b.text == engine.chat_format.decode([t for t in b.token_ids if t not in eos])
+            assert b.correct == check(Task(**new.task), b.text)
+            assert all(k < len(b.token_ids) for k in b.prefix_lengths)
+            if a.finish_reason != "length":
+                assert (b.token_ids, b.text, b.finish_reason) == (a.token_ids, a.text, a.finish_reason)
+                kinds["kept"] += 1
+                continue
+            kinds["continued"] += 1
+            assert 48 < len(b.token_ids) <= 64
+            assert (b.finish_reason == "length") == (len(b.token_ids) == 64 and b.token_ids[-1] not in eos)
+            kinds["ended_on_the_way"] += b.finish_reason == "eos"
+        assert [s.target for s in new.samples] == win_or_tie_targets([s.reward for s in new.samples], 0.0)
+    assert kinds["continued"] and kinds["kept"] and kinds["ended_on_the_way"], kinds
+    settings = json.loads((out / "build_config.json").read_text())
+    assert settings["max_new_tokens"] == card["decoding"]["max_new_tokens"] == 64 and settings["seed"] == 0
+    assert card["extended_from"] == str(src)
+    assert max(k for r in after for s in r.samples for k in s.prefix_lengths) == 32  # a length only 64 allows
+    # Resumable: a second run finds every prompt done and draws nothing.
+    lines = (out / "preferences.jsonl").read_text()
+    assert extend_folder(src, out, engine, 64, prefix_lengths=(8, 16, 32), progress=False)["counts"] == card["counts"]
+    assert (out / "preferences.jsonl").read_text() == lines
+    with pytest.raises(ValueError, match=r"max_new_tokens=48 does not extend .* max_new_tokens=48"):
+        extend_folder(src, tmp_path / "same", engine, 48)
+    with pytest.raises(ValueError, match="not into itself"):
+        extend_folder(src, src, engine, 64)
+    with pytest.raises(FileNotFoundError, match=r"has no preferences\.jsonl"):
+        extend_folder(tmp_path / "none", tmp_path / "x", engine, 64)
+    other = tmp_path / "other-model"
+    other.mkdir()
+    (other / "preferences.jsonl").write_text((src / "preferences.jsonl").read_text())
+    (other / "build_config.json").write_text(json.dumps(settings | {"max_new_tokens": 48, "engine_model": "gpt2"}))
+    with pytest.raises(ValueError, match="sampled from 'gpt2'"):
+        extend_folder(other, tmp_path / "y", engine, 64)
+    assert capeval_main(["extend", str(src), "--output-dir", str(tmp_path / "z"), "--max-new-tokens", "32"]) == 2
+    assert "does not extend" in capsys.readouterr().err
 
 
 def test_best_of_n_and_summary() -> None:

@@ -1,4 +1,6 @@
-"""The training commands of ``capeval``: ``build-data``, ``data-card``, ``relabel``, ``train``, ``eval-selfeval``.
+"""The training commands of ``capeval``.
+
+``build-data``, ``data-card``, ``relabel``, ``extend``, ``train`` and ``eval-selfeval``.
 
 Every flag is generated from a config field (its type from the annotation, its help from
 the field's docstring), so the command line and the Python API cannot drift apart.
@@ -6,6 +8,7 @@ the field's docstring), so the command line and the Python API cannot drift apar
 Example:
     $ capeval build-data --max-prompts-per-family 24 --num-threads 1
     $ capeval relabel results/training/data --output-dir /tmp/graded --reward partial_credit
+    $ capeval extend results/training/data --output-dir /tmp/long --max-new-tokens 256
     $ capeval train --data results/training/data/preferences.jsonl --output-dir /tmp/adapter
     $ capeval eval-selfeval --adapter /tmp/adapter --output-dir /tmp/eval
 
@@ -17,6 +20,7 @@ import argparse
 import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel
@@ -129,6 +133,29 @@ def cmd_relabel(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_extend(ns: argparse.Namespace) -> int:
+    """Continue a built folder's cut-short samples to a larger max_new_tokens, into a new folder (resumable)."""
+    from langchain_capeval.engines.transformers import TransformersEngine, TransformersEngineConfig
+    from langchain_capeval.training.dataset import extend_folder
+
+    _log()
+    settings = Path(ns.source_dir) / "build_config.json"  # the source's model; extend_folder checks the rest
+    model = json.loads(settings.read_text()).get("model") if settings.is_file() else None
+    engine = TransformersEngine.from_config(
+        TransformersEngineConfig(model=model, adapter=None, num_threads=ns.num_threads)
+    )
+    card = extend_folder(
+        ns.source_dir,
+        ns.output_dir,
+        engine,
+        ns.max_new_tokens,
+        prefix_lengths=ns.prefix_lengths,
+        prompts_per_batch=ns.prompts_per_batch,
+    )
+    print(json.dumps({k: card[k] for k in ("decoding", "counts", "label_balance")}, indent=2))
+    return 0
+
+
 def cmd_train(ns: argparse.Namespace) -> int:
     """Train a self-evaluation LoRA and save it."""
     from langchain_capeval.training.trainer import SelfEvalTrainer
@@ -154,7 +181,7 @@ def cmd_eval_selfeval(ns: argparse.Namespace) -> int:
 
 
 def add_training_commands(subparsers: Any) -> None:
-    """Register ``build-data``, ``data-card``, ``relabel``, ``train`` and ``eval-selfeval`` on ``capeval``'s subparsers.
+    """Register the training commands on ``capeval``'s subparsers.
 
     Example:
         >>> parser = argparse.ArgumentParser(prog="capeval")
@@ -187,3 +214,20 @@ def add_training_commands(subparsers: Any) -> None:
     relabel.add_argument("--reward", required=True, choices=get_args(RewardName), help="the reward to score with")
     relabel.add_argument("--epsilon", type=float, default=0.0, help="largest reward gap that counts as a tie")
     relabel.set_defaults(func=cmd_relabel)
+    extend = subparsers.add_parser(
+        "extend",
+        help="continue a built data folder's cut-short samples to a larger max_new_tokens",
+        description=cmd_extend.__doc__,
+    )
+    extend.add_argument("source_dir", help="the folder build-data wrote")
+    extend.add_argument("--output-dir", required=True, help="a new folder for the longer samples and their card")
+    extend.add_argument("--max-new-tokens", type=int, required=True, help="the new limit, above the source's")
+    extend.add_argument(
+        "--prefix-lengths",
+        type=_tuple_of(int),
+        default=None,
+        help="truncation lengths to draw prefixes from (default: build-data's, 8,16,32,64)",
+    )
+    extend.add_argument("--prompts-per-batch", type=int, default=4, help="prompts whose samples decode together")
+    extend.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's)")
+    extend.set_defaults(func=cmd_extend)

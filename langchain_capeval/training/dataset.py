@@ -35,7 +35,7 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -278,26 +278,45 @@ class PreferenceDataBuilder:
             ValueError: The folder holds data built with different sampling settings.
 
         """
+        todo_all = list(tasks) if tasks is not None else self.tasks()
+        return self._append(todo_all, lambda t: t.id, self.sample_prompts, "build-data", progress)
+
+    def extend(self, records: Sequence[PromptRecord], *, progress: bool = True) -> dict[str, Any]:
+        """Continue the cut-short samples of ``records`` (:meth:`continue_prompts`); append those not yet in the file.
+
+        Returns:
+            The data card, as written to ``data_card.json``.
+
+        """
+        return self._append(list(records), lambda r: r.task_id, self.continue_prompts, "extend-data", progress)
+
+    def _append(
+        self,
+        todo_all: list[Any],
+        task_id: Callable[[Any], str],
+        produce: Callable[[Sequence[Any]], Iterator[PromptRecord]],
+        desc: str,
+        progress: bool,
+    ) -> dict[str, Any]:
+        """Produce records for the items whose task is not yet in the file, ``prompts_per_batch`` at a time."""
         from tqdm.auto import tqdm
 
-        todo_all = list(tasks) if tasks is not None else self.tasks()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._check_settings()
         _repair(self.path)
         done = {r.task_id for r in read_records(self.path)}
-        todo = [t for t in todo_all if t.id not in done]
+        todo = [t for t in todo_all if task_id(t) not in done]
         start = time.perf_counter()
-        bar = tqdm(total=len(todo_all), initial=len(todo_all) - len(todo), desc="build-data", disable=not progress)
+        bar = tqdm(total=len(todo_all), initial=len(todo_all) - len(todo), desc=desc, disable=not progress)
         step = self.config.prompts_per_batch
         with self.path.open("a", encoding="utf-8") as out:
             for i in range(0, len(todo), step):
-                for record in self.sample_prompts(todo[i : i + step]):
+                for record in produce(todo[i : i + step]):
                     out.write(record.to_json() + "\n")
                     out.flush()
                     bar.update(1)
         bar.close()
-        card = self.data_card(seconds=time.perf_counter() - start)
-        return card
+        return self.data_card(seconds=time.perf_counter() - start)
 
     def sample_prompts(self, tasks: Sequence[Task]) -> Iterator[PromptRecord]:
         """Draw ``num_samples`` responses for each task, decoded together; score and label them."""
@@ -322,32 +341,93 @@ class PreferenceDataBuilder:
             by_row = {s.row: s for s in samples}
             for task, prompt_ids, _, rows in requests:
                 got = [by_row[r] for r in rows]
-                texts = [s.text for s in got]
-                rewards = self.reward.score([task.prompt] * len(got), texts, [task] * len(got))
-                rng = random.Random(f"{cfg.seed}:{task.id}:prefixes")
-                targets, prefixes = label_samples(rewards, [s.num_tokens for s in got], cfg, rng)
-                yield PromptRecord(
-                    task=asdict(task),
-                    prompt_ids=list(prompt_ids),
-                    samples=[
-                        SampleRecord(
-                            index=j,
-                            seed=sample_seed(cfg.seed, task.id, j),
-                            token_ids=list(s.token_ids),
-                            text=s.text,
-                            finish_reason=s.finish_reason,
-                            reward=rewards[j],
-                            target=targets[j],
-                            prefix_lengths=prefixes[j],
-                            correct=check(task, s.text),
-                        )
-                        for j, s in enumerate(got)
-                    ],
-                    tie_rate=tie_rate(rewards, cfg.epsilon),
-                )
+                drawn = [
+                    (sample_seed(cfg.seed, task.id, j), s.token_ids, s.text, s.finish_reason) for j, s in enumerate(got)
+                ]
+                yield self._label(task, prompt_ids, drawn)
         finally:
             for *_, request_id, _ in requests:
                 self.engine.close_request(request_id)
+
+    def continue_prompts(self, records: Sequence[PromptRecord]) -> Iterator[PromptRecord]:
+        """Decode on the samples of ``records`` that stopped at a smaller ``max_new_tokens``; label them anew.
+
+        A sample that ended (EOS or a stop string) is kept as it is. One cut short by the old
+        limit (``finish_reason == "length"``) is continued from its own tokens, at the same
+        temperature and top-p, up to ``config.max_new_tokens`` in all: the model's distribution
+        over the rest of a response given its start, so the whole is a sample of the longer
+        decoding, as a build with the larger limit would draw (from another random stream:
+        the continuation's seed is :func:`sample_seed` of the task id and the old length).
+        Every sample is then scored, targeted and given prefix lengths as :meth:`sample_prompts` does.
+        """
+        cfg = self.config
+        fmt = self.engine.chat_format
+        stops = fmt.eos_token_ids
+        requests: list[tuple[PromptRecord, dict[int, tuple[str, list[int]]]]] = []
+        try:
+            for record in records:
+                rows: dict[int, tuple[str, list[int]]] = {}
+                for x in record.samples:
+                    if x.finish_reason != "length" or len(x.token_ids) >= cfg.max_new_tokens:
+                        continue
+                    if x.token_ids and x.token_ids[-1] in stops:
+                        continue
+                    seed = sample_seed(cfg.seed, f"{record.task_id}@{len(x.token_ids)}", x.index)
+                    params = SamplingParams(
+                        temperature=cfg.temperature,
+                        top_p=cfg.top_p,
+                        max_new_tokens=cfg.max_new_tokens - len(x.token_ids),
+                        seed=seed,
+                    )
+                    request_id = f"extend-data:{record.task_id}:{x.index}"
+                    row = self.engine.submit([*record.prompt_ids, *x.token_ids], [params], request_id=request_id)
+                    rows[x.index] = (request_id, row)
+                requests.append((record, rows))
+            all_rows = [r for _, rows in requests for _, row in rows.values() for r in row]
+            by_row = {s.row: s for s in self.engine.generate(all_rows)} if all_rows else {}
+            for record, rows in requests:
+                drawn = []
+                for x in record.samples:
+                    if x.index not in rows:
+                        drawn.append((x.seed, x.token_ids, x.text, x.finish_reason))
+                        continue
+                    more = by_row[rows[x.index][1][0]]
+                    ids = [*x.token_ids, *more.token_ids]
+                    drawn.append((x.seed, ids, fmt.decode([t for t in ids if t not in stops]), more.finish_reason))
+                yield self._label(Task(**record.task), record.prompt_ids, drawn)
+        finally:
+            for _, rows in requests:
+                for request_id, _ in rows.values():
+                    self.engine.close_request(request_id)
+
+    def _label(
+        self, task: Task, prompt_ids: Sequence[int], drawn: Sequence[tuple[int, list[int], str, str | None]]
+    ) -> PromptRecord:
+        """Score a prompt's samples ``(seed, token_ids, text, finish_reason)``; give them targets and prefixes."""
+        cfg = self.config
+        texts = [text for _, _, text, _ in drawn]
+        rewards = self.reward.score([task.prompt] * len(drawn), texts, [task] * len(drawn))
+        rng = random.Random(f"{cfg.seed}:{task.id}:prefixes")
+        targets, prefixes = label_samples(rewards, [len(ids) for _, ids, _, _ in drawn], cfg, rng)
+        return PromptRecord(
+            task=asdict(task),
+            prompt_ids=list(prompt_ids),
+            samples=[
+                SampleRecord(
+                    index=j,
+                    seed=seed,
+                    token_ids=list(ids),
+                    text=text,
+                    finish_reason=finish,
+                    reward=rewards[j],
+                    target=targets[j],
+                    prefix_lengths=prefixes[j],
+                    correct=check(task, text),
+                )
+                for j, (seed, ids, text, finish) in enumerate(drawn)
+            ],
+            tie_rate=tie_rate(rewards, cfg.epsilon),
+        )
 
     def _check_settings(self) -> None:
         """Record the sampling settings on the first run; refuse to resume with different ones."""
@@ -462,6 +542,66 @@ def relabel_folder(
     (out / "build_config.json").write_text(json.dumps(settings | _recorded_settings(config), indent=2) + "\n")
     card = describe(records, config, settings.get("engine_model") or str(config.model))
     card["relabelled_from"] = str(src)
+    _write_data_card(out, card)
+    return card
+
+
+def extend_folder(
+    source_dir: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    engine: Engine,
+    max_new_tokens: int,
+    *,
+    prefix_lengths: Sequence[int] | None = None,
+    prompts_per_batch: int = 4,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Continue a built folder's samples to a larger ``max_new_tokens``, into a new folder (resumable).
+
+    Data sampled with a short limit is a sample of another decoding than the one used at
+    inference (``CapEvalConfig.max_new_tokens``, 256): an answer cut at 48 tokens is scored as
+    it stands, and a self-evaluator trained on it never sees a longer response. Continuing each
+    cut-short sample from its own tokens (:meth:`PreferenceDataBuilder.continue_prompts`) turns
+    the data into samples of the longer decoding for the cost of the tokens past the old limit
+    only; samples that ended are kept. The new folder's samples are scored with the source's
+    reward and ``epsilon``; targets, prefix lengths (``prefix_lengths``, default the config's)
+    and the data card are made anew, and ``build_config.json`` records the new limit, so
+    rerunning the command resumes it. ``prompts_per_batch`` prompts' samples are decoded together.
+
+    Example:
+        >>> card = extend_folder("runs/data48", "runs/data256", engine, 256)  # doctest: +SKIP
+        >>> card["extended_from"]  # doctest: +SKIP
+        'runs/data48'
+
+    Raises:
+        FileNotFoundError: ``source_dir`` is not a built folder.
+        ValueError: ``output_dir`` is ``source_dir``; ``max_new_tokens`` is not above the source's; the engine
+            serves another model than the one the source was sampled from.
+
+    """
+    src, out = Path(source_dir), Path(output_dir)
+    for name in (DATA_FILE, "build_config.json"):
+        if not (src / name).is_file():
+            raise FileNotFoundError(f"{src} is not a built preference-data folder: it has no {name}")
+    if out.resolve() == src.resolve():
+        raise ValueError(f"extend {src} into a new folder, not into itself")
+    settings = json.loads((src / "build_config.json").read_text())
+    if max_new_tokens <= settings["max_new_tokens"]:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} does not extend {src}, sampled with max_new_tokens="
+            f"{settings['max_new_tokens']}; give a larger limit"
+        )
+    sampled_by = settings.get("engine_model")
+    if sampled_by is not None and sampled_by != engine.model_name:
+        raise ValueError(f"{src} was sampled from {sampled_by!r}; the engine serves {engine.model_name!r}")
+    given = {k: settings[k] for k in (*_SAMPLE_FIELDS, *_LABEL_FIELDS) if k in settings}
+    if prefix_lengths is not None:
+        given["prefix_lengths"] = tuple(prefix_lengths)
+    config = PreferenceDataConfig.model_validate(
+        given | {"output_dir": str(out), "max_new_tokens": max_new_tokens, "prompts_per_batch": prompts_per_batch}
+    )
+    card = PreferenceDataBuilder(engine, config).extend(read_records(src / DATA_FILE), progress=progress)
+    card["extended_from"] = str(src)
     _write_data_card(out, card)
     return card
 
