@@ -29,6 +29,7 @@ on its graded targets and is scored for correctness as before.
 Usage:
     python bench/suffix_lora.py train --data results/training/v2/data/preferences.jsonl --out runs/suffix
     python bench/suffix_lora.py eval --adapter runs/suffix --out results/training/v4-suffix-lora
+    python bench/suffix_lora.py eval --adapter runs/a --adapter runs/b --base --out runs/ab  # one decoding pass
     python bench/suffix_lora.py train --data results/training/v5-suffix-lora/data/preferences.jsonl \
         --out runs/dev --samples-per-prompt 16 --learning-rate 3e-3 --epochs 2 --dev-every 5 --eval-every 100
 """
@@ -54,7 +55,12 @@ from langchain_capeval.engines.lora import SelfEvaluationLoRA
 from langchain_capeval.engines.transformers import TransformersEngine
 from langchain_capeval.models import load_model
 from langchain_capeval.training.config import SelfEvalEvalConfig
-from langchain_capeval.training.evaluate import EvalSample, collect_self_evaluations, evaluation_tasks, summarize
+from langchain_capeval.training.evaluate import (
+    EvalSample,
+    collect_self_evaluations_by_adapter,
+    evaluation_tasks,
+    summarize,
+)
 from langchain_capeval.training.examples import ChunkExample
 from langchain_capeval.training.trainer import chunk_answer_logits
 
@@ -91,7 +97,14 @@ def parse_args() -> argparse.Namespace:
     )
     t.add_argument("--eval-every", type=int, default=100, help="steps between dev evaluations")
     e = sub.add_parser("eval", help="section 6's evaluation: base generation, chunk-only self-evaluation")
-    e.add_argument("--adapter", required=True)
+    e.add_argument(
+        "--adapter",
+        action="append",
+        required=True,
+        help="a chunk-only adapter folder (repeatable: every adapter scores the same samples, decoded once; "
+        "each report goes to OUT/<folder name>/)",
+    )
+    e.add_argument("--base", action="store_true", help="also score the zero-shot base model (OUT/base/)")
     e.add_argument("--out", required=True)
     e.add_argument("--n-per-family", type=int, default=80)
     e.add_argument("--max-prompts-per-family", type=int, default=None)
@@ -279,34 +292,41 @@ def evaluate(args: argparse.Namespace) -> None:
     )
     trained, heldout = evaluation_tasks(cfg)
     base = run_in_own_thread(lambda: load_model(None))
-    lora = SelfEvaluationLoRA.load(base.model, args.adapter)
-    engine = TransformersEngine(base.model, base.tokenizer, name="base+chunk-only-lora", selfeval_lora=lora)
+    scorers: dict[str, SelfEvaluationLoRA | None] = {"base": None} if args.base else {}
+    paths = {Path(a).name: a for a in args.adapter}
+    if len(paths) != len(args.adapter) or set(paths) & set(scorers):
+        raise SystemExit(f"adapter folders need distinct names other than 'base': {args.adapter}")
+    scorers |= {name: SelfEvaluationLoRA.load(base.model, a) for name, a in paths.items()}
+    engine = TransformersEngine(base.model, base.tokenizer, name="base+chunk-only-lora")
     start = time.perf_counter()
-    samples = collect_self_evaluations(engine, trained + heldout, cfg)
-    held = {t.id for t in heldout}
-    report = {
-        "adapter": args.adapter,
-        "config": cfg.model_dump(mode="json"),
-        "seconds": round(time.perf_counter() - start, 1),
-        "trained": summarize([s for s in samples if s.task_id not in held], cfg.checkpoints, cfg.bins),
-        "heldout": summarize([s for s in samples if s.task_id in held], cfg.checkpoints, cfg.bins),
-        "per_family": {
-            f: summarize([s for s in samples if s.family == f], (), cfg.bins)
-            for f in sorted({s.family for s in samples})
-        },
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "selfeval_eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "selfeval_samples.jsonl").write_text("".join(json.dumps(asdict(s)) + "\n" for s in samples))
-    keys = ("samples", "auroc_full", "auroc_within_prompt", "pass_at_1", "best_of_n_selfeval", "oracle")
-    print("| split | " + " | ".join(keys) + " | AUROC at 8/16/32 |")
-    print("|---" * (len(keys) + 2) + "|")
-    for split in ("trained", "heldout"):
-        r = report[split]
-        at = "/".join(str(r["auroc_at"].get(k)) for k in ("8", "16", "32"))
-        print(f"| {split} | " + " | ".join(str(r.get(k)) for k in keys) + f" | {at} |")
+    by_scorer = collect_self_evaluations_by_adapter(engine, trained + heldout, cfg, scorers)
+    seconds = round(time.perf_counter() - start, 1)
     engine.close()
+    held = {t.id for t in heldout}
+    keys = ("samples", "auroc_full", "auroc_within_prompt", "pass_at_1", "best_of_n_selfeval", "oracle")
+    print("| scorer | split | " + " | ".join(keys) + " | AUROC at 8/16/32/64 |")
+    print("|---" * (len(keys) + 3) + "|")
+    for name, samples in by_scorer.items():
+        report = {
+            "adapter": paths.get(name),
+            "config": cfg.model_dump(mode="json"),
+            "seconds": seconds,
+            "scorers": list(scorers),
+            "trained": summarize([s for s in samples if s.task_id not in held], cfg.checkpoints, cfg.bins),
+            "heldout": summarize([s for s in samples if s.task_id in held], cfg.checkpoints, cfg.bins),
+            "per_family": {
+                f: summarize([s for s in samples if s.family == f], (), cfg.bins)
+                for f in sorted({s.family for s in samples})
+            },
+        }
+        out = Path(args.out) if len(scorers) == 1 else Path(args.out) / name
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "selfeval_eval.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / "selfeval_samples.jsonl").write_text("".join(json.dumps(asdict(s)) + "\n" for s in samples))
+        for split in ("trained", "heldout"):
+            r = report[split]
+            at = "/".join(str(r["auroc_at"].get(k)) for k in ("8", "16", "32", "64"))
+            print(f"| {name} | {split} | " + " | ".join(str(r.get(k)) for k in keys) + f" | {at} |")
 
 
 if __name__ == "__main__":

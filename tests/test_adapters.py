@@ -31,7 +31,7 @@ from langchain_capeval.adapters import (
 )
 from langchain_capeval.config import CapEvalConfig
 from langchain_capeval.engines.decoding import answer_probabilities, win_or_tie_probability
-from langchain_capeval.engines.transformers import TransformersEngine
+from langchain_capeval.engines.transformers import TransformersEngine, TransformersEngineConfig
 from langchain_capeval.engines.vllm import VLLMEngine, VLLMEngineConfig
 from langchain_capeval.errors import CapEvalInputError, ModelNotInstalledError, UnsupportedFeatureError
 from langchain_capeval.models import load_model
@@ -137,7 +137,11 @@ def test_self_evaluation_scoped_adapter_leaves_generation_the_base_models(engine
 def test_eval_selfeval_runs_a_scoped_adapter_as_the_engine_does(tmp_path: Path) -> None:
     """``capeval eval-selfeval --adapter <shipped name>``: the adapted model's samples are the base model's."""
     from langchain_capeval.training.config import SelfEvalEvalConfig
-    from langchain_capeval.training.evaluate import evaluate_self_evaluation
+    from langchain_capeval.training.evaluate import (
+        collect_self_evaluations,
+        evaluate_self_evaluation,
+        evaluation_tasks,
+    )
 
     cfg = SelfEvalEvalConfig(
         adapter=PARTIAL_CREDIT_ADAPTER,
@@ -160,6 +164,20 @@ def test_eval_selfeval_runs_a_scoped_adapter_as_the_engine_does(tmp_path: Path) 
     assert same == [(r["task_id"], r["num_tokens"], r["correct"]) for r in by_model["adapted"]]
     pairs = zip(by_model["base"], by_model["adapted"], strict=True)
     assert any(abs(a["p_full"] - b["p_full"]) > 0.05 for a, b in pairs), "the adapter self-evaluates"
+    # One decoding pass scored both; the base model's scores are those of a pass of its own.
+    assert set(report["seconds"]) == {"base+adapted"}
+    plain = TransformersEngineConfig(
+        adapter=None, cache_merged=False, pack_output_projection=False, pack_linear_layers=False, prefix_caching=False
+    )
+    base = TransformersEngine.from_config(plain)
+    trained, heldout = evaluation_tasks(cfg)
+    alone = collect_self_evaluations(base, trained + heldout, cfg, progress=False)
+    base.close()
+    assert [(s.task_id, s.num_tokens) for s in alone] == [(r["task_id"], r["num_tokens"]) for r in by_model["base"]]
+    assert [s.p_full for s in alone] == pytest.approx([r["p_full"] for r in by_model["base"]], abs=1e-5)
+    assert [s.p_at for s in alone] == [
+        {k: pytest.approx(v, abs=1e-5) for k, v in r["p_at"].items()} for r in by_model["base"]
+    ]
 
 
 def test_an_adapters_measured_policy_is_the_starting_point_and_callers_win(tmp_path: Path, engine) -> None:

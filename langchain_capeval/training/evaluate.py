@@ -31,7 +31,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,7 +47,9 @@ from langchain_capeval.training.dataset import sample_seed
 from langchain_capeval.training.metrics import auroc, brier_score, expected_calibration_error, reliability_bins
 
 if TYPE_CHECKING:
-    from langchain_capeval.engines.base import Engine
+    from langchain_capeval.engines.base import Engine, RowId, SelfEvaluation
+    from langchain_capeval.engines.lora import SelfEvaluationLoRA
+    from langchain_capeval.engines.transformers import TransformersEngine
 
 logger = logging.getLogger(__name__)
 
@@ -113,9 +115,58 @@ def collect_self_evaluations(
     Prompts are decoded ``prompts_per_batch`` at a time; each sample's seed depends only on
     ``config.seed``, its task and its number, so two engines see the same random streams.
     """
+    return _collect(engine, tasks, config, lambda rows: {"": engine.self_evaluate(rows)}, progress)[""]
+
+
+def collect_self_evaluations_by_adapter(
+    engine: TransformersEngine,
+    tasks: Sequence[Task],
+    config: SelfEvalEvalConfig,
+    adapters: Mapping[str, SelfEvaluationLoRA | None],
+    *,
+    progress: bool = True,
+) -> dict[str, list[EvalSample]]:
+    """:func:`collect_self_evaluations` once, each self-evaluation run with every one of ``adapters``.
+
+    Adapters scoped to the self-evaluation chunk leave decoding to the base weights, so their
+    samples are the base model's whatever the adapter: one decoding pass serves them all (and
+    the zero-shot base model, ``None``), each scoring the same rows over the same cache.
+    ``engine`` must decode with the base weights (built with ``adapter=None``); its own
+    ``selfeval_lora`` is put back afterwards.
+
+    Example:
+        >>> lora = SelfEvaluationLoRA.load(engine.model, "runs/lib-scoped")  # doctest: +SKIP
+        >>> by = collect_self_evaluations_by_adapter(engine, tasks, cfg, {"base": None, "lib": lora})  # doctest: +SKIP
+        >>> [s.correct for s in by["base"]] == [s.correct for s in by["lib"]]  # doctest: +SKIP
+        True
+
+    """
+    own = engine.selfeval_lora
+
+    def score(rows: Sequence[RowId]) -> dict[str, list[SelfEvaluation]]:
+        out = {}
+        try:
+            for name, lora in adapters.items():
+                engine.selfeval_lora = lora
+                out[name] = engine.self_evaluate(rows)
+        finally:
+            engine.selfeval_lora = own
+        return out
+
+    return _collect(engine, tasks, config, score, progress)
+
+
+def _collect(
+    engine: Engine,
+    tasks: Sequence[Task],
+    config: SelfEvalEvalConfig,
+    score: Callable[[Sequence[RowId]], dict[str, list[SelfEvaluation]]],
+    progress: bool,
+) -> dict[str, list[EvalSample]]:
+    """Decode the tasks' samples; ``score`` self-evaluates rows, under one name per scorer."""
     from tqdm.auto import tqdm
 
-    out: list[EvalSample] = []
+    out: dict[str, list[EvalSample]] = {}
     fmt = engine.chat_format
     bar = tqdm(total=len(tasks), desc=f"eval {engine.model_name}", disable=not progress)
     for i in range(0, len(tasks), config.prompts_per_batch):
@@ -137,25 +188,35 @@ def collect_self_evaluations(
                     (task, request_id, engine.submit(fmt.encode(task.messages()), params, request_id=request_id))
                 )
             rows = [r for *_, rs in requests for r in rs]
-            at: dict[int, dict[str, float]] = {r: {} for r in rows}
+            at: dict[str, dict[int, dict[str, float]]] = {}
             for k in config.checkpoints:
                 if k >= config.max_new_tokens:
                     break
                 live = [s.row for s in engine.generate(rows, until=k) if not s.finished and s.num_tokens == k]
-                for ev in engine.self_evaluate(live):
-                    at[ev.row][str(k)] = ev.p_win_or_tie
+                for name, evs in score(live).items():
+                    for ev in evs:
+                        at.setdefault(name, {}).setdefault(ev.row, {})[str(k)] = ev.p_win_or_tie
             samples = {s.row: s for s in engine.generate(rows)}
-            evals = {e.row: e for e in engine.self_evaluate(rows)}
-            for task, _, rs in requests:
-                correct = [check(task, samples[r].text) for r in rs]
-                targets = win_or_tie_targets([float(c) for c in correct], config.epsilon)
-                for r, c, tgt in zip(rs, correct, targets, strict=True):
-                    e = evals[r]
-                    out.append(
-                        EvalSample(
-                            task.id, task.family, c, samples[r].num_tokens, e.p_win_or_tie, e.p_no, e.p_yes, at[r], tgt
+            for name, evs in score(rows).items():
+                evals = {e.row: e for e in evs}
+                for task, _, rs in requests:
+                    correct = [check(task, samples[r].text) for r in rs]
+                    targets = win_or_tie_targets([float(c) for c in correct], config.epsilon)
+                    for r, c, tgt in zip(rs, correct, targets, strict=True):
+                        e = evals[r]
+                        out.setdefault(name, []).append(
+                            EvalSample(
+                                task.id,
+                                task.family,
+                                c,
+                                samples[r].num_tokens,
+                                e.p_win_or_tie,
+                                e.p_no,
+                                e.p_yes,
+                                at.get(name, {}).get(r, {}),
+                                tgt,
+                            )
                         )
-                    )
         finally:
             for _, request_id, _ in requests:
                 engine.close_request(request_id)
@@ -360,18 +421,21 @@ def evaluate_self_evaluation(config: SelfEvalEvalConfig, *, progress: bool = Tru
     seconds: dict[str, float] = {}
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name, path in variants.items():
-        cache = out / "cache" / f"{name}-{_sampling_key(config, path)}.jsonl"
+    caches = {name: out / "cache" / f"{name}-{_sampling_key(config, path)}.jsonl" for name, path in variants.items()}
+    for name, cache in caches.items():
         if cache.is_file():  # the same model, adapter file and sampling were evaluated before
             raw[name] = [EvalSample(**json.loads(line)) for line in cache.read_text().splitlines() if line]
             logger.info("reusing %d %s samples from %s", len(raw[name]), name, cache)
-            continue
+    todo = [name for name in variants if name not in raw]
+    # An adapter scoped to the self-evaluation chunk decodes with the base weights: one pass scores both.
+    one_pass = todo == ["base", "adapted"] and adapter_scope(str(adapter)) == "self_evaluation"
+    for group in [todo] if one_pass else [[name] for name in todo]:
         # The model as the engine runs it (an adapter scoped to the self-evaluation chunk leaves decoding to the
         # base weights), merged in memory and unpacked: the plain weights, as training saw them.
         engine = TransformersEngine.from_config(
             TransformersEngineConfig(
                 model=config.model,
-                adapter=path,
+                adapter=variants[group[-1]],
                 cache_merged=False,
                 pack_output_projection=False,
                 pack_linear_layers=False,
@@ -379,12 +443,19 @@ def evaluate_self_evaluation(config: SelfEvalEvalConfig, *, progress: bool = Tru
             )
         )
         start = time.perf_counter()
-        raw[name] = collect_self_evaluations(engine, tasks, config, progress=progress)
-        seconds[name] = round(time.perf_counter() - start, 1)
+        if one_pass:
+            scorers = {"base": None, "adapted": engine.selfeval_lora}
+            got = collect_self_evaluations_by_adapter(engine, tasks, config, scorers, progress=progress)
+        else:
+            got = {group[0]: collect_self_evaluations(engine, tasks, config, progress=progress)}
+        seconds["+".join(group)] = round(time.perf_counter() - start, 1)
         engine.close()
         del engine
-        cache.parent.mkdir(exist_ok=True)
-        cache.write_text("".join(json.dumps(asdict(s)) + "\n" for s in raw[name]))
+        for name in group:
+            raw[name] = got[name]
+            caches[name].parent.mkdir(exist_ok=True)
+            caches[name].write_text("".join(json.dumps(asdict(s)) + "\n" for s in raw[name]))
+    raw = {name: raw[name] for name in variants}
     heldout = {t.id for t in heldout_tasks}
     report: dict[str, Any] = {
         "config": config.model_dump(mode="json"),
