@@ -204,23 +204,14 @@ def add_training_commands(subparsers: Any) -> None:
     )
     card.add_argument("output_dir", help="the folder build-data wrote (preferences.jsonl, build_config.json)")
     card.set_defaults(func=cmd_data_card)
-    relabel = subparsers.add_parser(
-        "relabel",
-        help="score a built data folder again with another reward (no sampling)",
-        description=cmd_relabel.__doc__,
+    relabel = _from_built_folder(
+        subparsers, "relabel", "score a built data folder again with another reward (no sampling)", cmd_relabel
     )
-    relabel.add_argument("source_dir", help="the folder build-data wrote")
-    relabel.add_argument("--output-dir", required=True, help="a new folder for the relabelled data and its card")
     relabel.add_argument("--reward", required=True, choices=get_args(RewardName), help="the reward to score with")
     relabel.add_argument("--epsilon", type=float, default=0.0, help="largest reward gap that counts as a tie")
-    relabel.set_defaults(func=cmd_relabel)
-    extend = subparsers.add_parser(
-        "extend",
-        help="continue a built data folder's cut-short samples to a larger max_new_tokens",
-        description=cmd_extend.__doc__,
+    extend = _from_built_folder(
+        subparsers, "extend", "continue a built data folder's cut-short samples to a larger max_new_tokens", cmd_extend
     )
-    extend.add_argument("source_dir", help="the folder build-data wrote")
-    extend.add_argument("--output-dir", required=True, help="a new folder for the longer samples and their card")
     extend.add_argument("--max-new-tokens", type=int, required=True, help="the new limit, above the source's")
     extend.add_argument(
         "--prefix-lengths",
@@ -230,4 +221,14 @@ def add_training_commands(subparsers: Any) -> None:
     )
     extend.add_argument("--prompts-per-batch", type=int, default=4, help="prompts whose samples decode together")
     extend.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's)")
-    extend.set_defaults(func=cmd_extend)
+
+
+def _from_built_folder(
+    subparsers: Any, name: str, help_text: str, func: Callable[[argparse.Namespace], int]
+) -> argparse.ArgumentParser:
+    """A command that reads a built data folder and writes a new one: ``SOURCE_DIR --output-dir NEW``."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(name, help=help_text, description=func.__doc__)
+    parser.add_argument("source_dir", help="the folder build-data wrote")
+    parser.add_argument("--output-dir", required=True, help="a new folder for the data and its card")
+    parser.set_defaults(func=func)
+    return parser
