@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel
@@ -136,11 +135,10 @@ def cmd_relabel(ns: argparse.Namespace) -> int:
 def cmd_extend(ns: argparse.Namespace) -> int:
     """Continue a built folder's cut-short samples to a larger max_new_tokens, into a new folder (resumable)."""
     from langchain_capeval.engines.transformers import TransformersEngine, TransformersEngineConfig
-    from langchain_capeval.training.dataset import extend_folder
+    from langchain_capeval.training.dataset import extend_folder, read_build_settings
 
     _log()
-    settings = Path(ns.source_dir) / "build_config.json"  # the source's model; extend_folder checks the rest
-    model = json.loads(settings.read_text()).get("model") if settings.is_file() else None
+    model = read_build_settings(ns.source_dir).get("model")  # the source's model; extend_folder checks the rest
     engine = TransformersEngine.from_config(
         TransformersEngineConfig(model=model, adapter=None, num_threads=ns.num_threads)
     )

@@ -50,7 +50,7 @@ from langchain_capeval.training.config import PreferenceDataConfig
 from langchain_capeval.training.metrics import auroc
 
 if TYPE_CHECKING:
-    from langchain_capeval.engines.base import Engine
+    from langchain_capeval.engines.base import Engine, RowId
 
 logger = logging.getLogger(__name__)
 
@@ -362,15 +362,14 @@ class PreferenceDataBuilder:
         """
         cfg = self.config
         fmt = self.engine.chat_format
-        stops = fmt.eos_token_ids
-        requests: list[tuple[PromptRecord, dict[int, tuple[str, list[int]]]]] = []
+        requests: list[tuple[PromptRecord, dict[int, tuple[str, RowId]]]] = []
         try:
             for record in records:
-                rows: dict[int, tuple[str, list[int]]] = {}
+                rows: dict[int, tuple[str, RowId]] = {}  # sample index -> its continuation's request and row
                 for x in record.samples:
                     if x.finish_reason != "length" or len(x.token_ids) >= cfg.max_new_tokens:
                         continue
-                    if x.token_ids and x.token_ids[-1] in stops:
+                    if x.token_ids and x.token_ids[-1] in fmt.eos_token_ids:
                         continue
                     seed = sample_seed(cfg.seed, f"{record.task_id}@{len(x.token_ids)}", x.index)
                     params = SamplingParams(
@@ -380,10 +379,10 @@ class PreferenceDataBuilder:
                         seed=seed,
                     )
                     request_id = f"extend-data:{record.task_id}:{x.index}"
-                    row = self.engine.submit([*record.prompt_ids, *x.token_ids], [params], request_id=request_id)
+                    (row,) = self.engine.submit([*record.prompt_ids, *x.token_ids], [params], request_id=request_id)
                     rows[x.index] = (request_id, row)
                 requests.append((record, rows))
-            all_rows = [r for _, rows in requests for _, row in rows.values() for r in row]
+            all_rows = [row for _, rows in requests for _, row in rows.values()]
             by_row = {s.row: s for s in self.engine.generate(all_rows)} if all_rows else {}
             for record, rows in requests:
                 drawn = []
@@ -391,9 +390,9 @@ class PreferenceDataBuilder:
                     if x.index not in rows:
                         drawn.append((x.seed, x.token_ids, x.text, x.finish_reason))
                         continue
-                    more = by_row[rows[x.index][1][0]]
+                    more = by_row[rows[x.index][1]]
                     ids = [*x.token_ids, *more.token_ids]
-                    drawn.append((x.seed, ids, fmt.decode([t for t in ids if t not in stops]), more.finish_reason))
+                    drawn.append((x.seed, ids, fmt.decode(ids), more.finish_reason))  # the engine's text of a row
                 yield self._label(Task(**record.task), record.prompt_ids, drawn)
         finally:
             for _, rows in requests:
@@ -475,10 +474,7 @@ def describe_folder(output_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
     """
     out = Path(output_dir)
-    for name in (DATA_FILE, "build_config.json"):
-        if not (out / name).is_file():
-            raise FileNotFoundError(f"{out} is not a built preference-data folder: it has no {name}")
-    settings = json.loads((out / "build_config.json").read_text())
+    settings = read_build_settings(out)
     old_path = out / "data_card.json"
     old = json.loads(old_path.read_text()) if old_path.is_file() else {}
     given = {k: settings[k] for k in _SAMPLE_FIELDS if k in settings}
@@ -516,12 +512,9 @@ def relabel_folder(
 
     """
     src, out = Path(source_dir), Path(output_dir)
-    for name in (DATA_FILE, "build_config.json"):
-        if not (src / name).is_file():
-            raise FileNotFoundError(f"{src} is not a built preference-data folder: it has no {name}")
+    settings = read_build_settings(src)
     if out.resolve() == src.resolve() or (out / DATA_FILE).exists():
         raise ValueError(f"{out} already holds preference data; relabel into a new folder")
-    settings = json.loads((src / "build_config.json").read_text())
     given = {k: settings[k] for k in _SAMPLE_FIELDS if k in settings}
     config = PreferenceDataConfig.model_validate(given | {"output_dir": str(out), "reward": reward, "epsilon": epsilon})
     source = REWARD_SOURCES[config.reward]()
@@ -580,12 +573,9 @@ def extend_folder(
 
     """
     src, out = Path(source_dir), Path(output_dir)
-    for name in (DATA_FILE, "build_config.json"):
-        if not (src / name).is_file():
-            raise FileNotFoundError(f"{src} is not a built preference-data folder: it has no {name}")
+    settings = read_build_settings(src)
     if out.resolve() == src.resolve():
         raise ValueError(f"extend {src} into a new folder, not into itself")
-    settings = json.loads((src / "build_config.json").read_text())
     if max_new_tokens <= settings["max_new_tokens"]:
         raise ValueError(
             f"max_new_tokens={max_new_tokens} does not extend {src}, sampled with max_new_tokens="
@@ -604,6 +594,16 @@ def extend_folder(
     card["extended_from"] = str(src)
     _write_data_card(out, card)
     return card
+
+
+def read_build_settings(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``build_config.json`` of a folder ``build-data`` wrote; ``FileNotFoundError`` naming what it lacks."""
+    folder = Path(folder)
+    for name in (DATA_FILE, "build_config.json"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} is not a built preference-data folder: it has no {name}")
+    settings: dict[str, Any] = json.loads((folder / "build_config.json").read_text())
+    return settings
 
 
 def _write_data_card(output_dir: Path, card: dict[str, Any]) -> None:
