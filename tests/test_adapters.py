@@ -43,7 +43,7 @@ QUESTIONS = ("What is the capital of Peru?", "What is 6 + 3?", 'What is the oppo
 def test_scope_is_read_from_the_folder_and_bad_files_are_named(tmp_path: Path) -> None:
     default, partial = default_adapter_path(), shipped_adapter_path(PARTIAL_CREDIT_ADAPTER)
     assert default is not None and default.name == DEFAULT_ADAPTER and partial is not None
-    assert adapter_scope(default) == "every_token", "no capeval_adapter.json: every token"
+    assert adapter_scope(default) == "every_token", "the default adapter serves generation too"
     assert adapter_scope(partial) == "self_evaluation"
     cfg = json.loads((partial / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and not cfg.get("modules_to_save")  # still a plain PEFT LoRA
@@ -184,11 +184,12 @@ def test_an_adapters_measured_policy_is_the_starting_point_and_callers_win(tmp_p
     """``capeval_adapter.json``'s ``"policy"``: read, validated, applied under what the caller sets."""
     partial = shipped_adapter_path(PARTIAL_CREDIT_ADAPTER)
     assert adapter_policy(partial) == {"accept_threshold": 0.7}
-    assert adapter_policy(default_adapter_path()) == {}
+    assert adapter_policy(default_adapter_path()) == {"accept_threshold": 0.7}
     assert CapEvalConfig().accept_threshold == 0.8
 
     assert ChatCapEval(adapter=PARTIAL_CREDIT_ADAPTER).policy.accept_threshold == 0.7
-    assert ChatCapEval().policy.accept_threshold == 0.8
+    assert ChatCapEval().policy.accept_threshold == 0.7  # the default adapter's
+    assert ChatCapEval(adapter=None).policy.accept_threshold == 0.8  # the base model: the config's default
     assert ChatCapEval(adapter=PARTIAL_CREDIT_ADAPTER, accept_threshold=0.9).policy.accept_threshold == 0.9
     given = ChatCapEval(adapter=PARTIAL_CREDIT_ADAPTER, policy=CapEvalConfig(max_samples=3)).policy
     assert (given.accept_threshold, given.max_samples) == (0.7, 3)

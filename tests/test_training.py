@@ -618,8 +618,9 @@ def test_configs_validate() -> None:
 def test_shipped_adapter_is_a_vllm_valid_lora_and_loads_by_default(engine: TransformersEngine) -> None:
     """The adapter in the package is a plain PEFT LoRA, ``adapter="default"`` loads it, and it moved P(No).
 
-    Trained on win-or-tie targets whose mean is 0.84 (its data card), the adapter lifts P(win or tie) from the
-    base model's zero-shot ~0.5 towards that base rate on the trained families' kind of question.
+    On samples it was trained on (the committed on-policy data: two prompts of each of the six families with
+    right and wrong answers among their first 8 samples, 96 responses), the base model's P(win or tie) ranks
+    the right answers below the wrong ones (AUROC ~0.39) and the adapter's ranks them above (~0.76).
     """
     from langchain_capeval.adapters import default_adapter_path, resolve_adapter
     from langchain_capeval.engines.transformers import TransformersEngineConfig
@@ -630,23 +631,36 @@ def test_shipped_adapter_is_a_vllm_valid_lora_and_loads_by_default(engine: Trans
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 16 and not cfg.get("modules_to_save")
     assert set(cfg["target_modules"]) <= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert (shipped / "adapter_model.safetensors").stat().st_size < 25 * 2**20
-    assert resolve_adapter(None, "default") == shipped
+    assert resolve_adapter(None, "default") == shipped and adapter_scope(shipped) == "every_token"
+
+    data = Path(__file__).parents[1] / "results/training/v5-suffix-lora/data/preferences.jsonl"
+    picked: list[dict] = []
+    per_family: dict[str, int] = {}
+    for line in data.read_text().splitlines():
+        record = json.loads(line)
+        family, right = record["task"]["family"], [s["reward"] > 0 for s in record["samples"][:8]]
+        if any(right) and not all(right) and per_family.get(family, 0) < 2:
+            per_family[family] = per_family.get(family, 0) + 1
+            picked.append(record)
+    assert len(picked) == 12, per_family
+
+    def p_win_or_tie(e: TransformersEngine, prompt_ids: list[int], response: list[int]) -> float:
+        ids = prompt_ids + response + e.chat_format.suffix_after(response)
+        with torch.inference_mode():
+            logits = e.model(torch.tensor([ids])).logits[0, -1]
+        no, yes = e.chat_format.answer_token_ids
+        return float(logits[[no, yes]].softmax(-1)[0])
 
     adapted = TransformersEngine.from_config(TransformersEngineConfig(adapter="default"))
     try:
         assert adapted.model_name.endswith("+selfeval")
-        questions = ["What is the capital of Spain?", "What is 4 + 3?", 'What is the opposite of "up"?']
-        means = []
+        right = [s["reward"] > 0 for r in picked for s in r["samples"][:8]]
+        aurocs = []
         for e in (engine, adapted):
-            scores = []
-            for q in questions:
-                rows = e.submit(e.chat_format.encode([{"role": "user", "content": q}]), [SamplingParams(seed=1)])
-                e.generate(rows, until=12)
-                scores.append(e.self_evaluate(rows)[0].p_win_or_tie)
-                e.close_request(e.sample(rows[0]).request_id)
-            means.append(sum(scores) / len(scores))
-        base_mean, adapted_mean = means
-        assert abs(adapted_mean - 0.84) < abs(base_mean - 0.84), means
+            scores = [p_win_or_tie(e, r["prompt_ids"], s["token_ids"]) for r in picked for s in r["samples"][:8]]
+            aurocs.append(auroc(scores, right))
+        base_auroc, adapted_auroc = aurocs
+        assert base_auroc < 0.5 and adapted_auroc > 0.65, aurocs
     finally:
         adapted.close()
 
