@@ -7,7 +7,7 @@ capability-aware. It is a plain PEFT LoRA adapter (``adapter_config.json`` +
 An adapter has a **scope** (:func:`adapter_scope`, from an optional ``capeval_adapter.json``
 in its folder):
 
-- ``"every_token"`` (no such file): trained to run for every token, generation included
+- ``"every_token"`` (the default without such a file): trained to run for every token, generation included
   (``capeval train``, with a regulariser that keeps generation the base model's). Engines merge
   it into the weights; generation and self-evaluation share one KV cache.
 - ``"self_evaluation"``: trained on the self-evaluation chunk only (the pending last token and
@@ -25,7 +25,8 @@ own calibration, so the threshold that spends compute well is the adapter's. ``C
 (:func:`policy_for_adapter`).
 
 Two adapters ship for the embedded default, by name: :data:`DEFAULT_ADAPTER` (``adapter="default"``,
-scope ``every_token``) and :data:`PARTIAL_CREDIT_ADAPTER` (scope ``self_evaluation``, trained on
+scope ``every_token``, trained on partial-credit targets with a KL regulariser; docs/training.md
+section 15) and :data:`PARTIAL_CREDIT_ADAPTER` (scope ``self_evaluation``, trained on
 partial-credit targets; docs/training.md section 11).
 
 Example:
@@ -112,7 +113,7 @@ def adapter_policy(adapter: str | os.PathLike[str]) -> dict[str, Any]:
     """The policy fields an adapter was measured with: ``"policy"`` in ``capeval_adapter.json`` (``{}`` without).
 
     An adapter's P(win or tie) has its own calibration, so the accept threshold that spends compute
-    well differs between adapters (the partial-credit adapter's is 0.7, the default policy's 0.8).
+    well differs between adapters (both shipped adapters record 0.7; ``CapEvalConfig``'s default is 0.8).
     ``ChatCapEval``, ``capeval serve`` and the Studio graph start from these fields; what the caller
     sets wins (:func:`policy_for_adapter`).
 
@@ -125,7 +126,7 @@ def adapter_policy(adapter: str | os.PathLike[str]) -> dict[str, Any]:
         >>> adapter_policy(shipped_adapter_path("smollm2-135m-selfeval-partial-credit"))
         {'accept_threshold': 0.7}
         >>> adapter_policy(default_adapter_path())
-        {}
+        {'accept_threshold': 0.7}
 
     """
     from pydantic import ValidationError

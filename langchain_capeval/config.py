@@ -48,8 +48,9 @@ class CapEvalConfig(BaseModel):
     """Batch sizes of adaptive sampling, in order (the default draws at most 16 samples)."""
 
     accept_threshold: float = Field(default=0.8, ge=0.0, le=1.0)
-    """Accept as soon as the best sample's P(win or tie) reaches this. 0.8 is the benchmark's best point
-    for the shipped adapter (docs/bench.md, "Defaults"); it depends on the adapter's calibration."""
+    """Accept as soon as the best sample's P(win or tie) reaches this. 0.8 was the benchmark's best point
+    for the first shipped adapter (docs/bench.md, "Defaults"); it depends on the adapter's calibration, so
+    an adapter's folder may record its own (both shipped adapters: 0.7; ``adapters.adapter_policy``)."""
 
     initial_temperature: float = Field(default=0.4, ge=0.0, le=2.0)
     """Temperature of the first sample."""
