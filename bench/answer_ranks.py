@@ -21,7 +21,7 @@ DATA = Path(__file__).parents[1] / "results/training/v5-suffix-lora/data/prefere
 
 
 def answer_ranks(engine: TransformersEngine, records: list[dict]) -> dict[str, float]:
-    """Share of responses whose two answers are both in the top 20 (and top 5), the worst rank, the mean mass."""
+    """Share of responses whose two answers are in the top 20 (and top 5), the worst 0-based rank, the mean mass."""
     fmt = engine.chat_format
     no, yes = fmt.answer_token_ids
     ranks, mass = [], []
