@@ -638,27 +638,23 @@ def test_shipped_adapter_is_a_vllm_valid_lora_and_loads_by_default(engine: Trans
     per_family: dict[str, int] = {}
     for line in data.read_text().splitlines():
         record = json.loads(line)
-        family, right = record["task"]["family"], [s["reward"] > 0 for s in record["samples"][:8]]
-        if any(right) and not all(right) and per_family.get(family, 0) < 2:
+        family, correct = record["task"]["family"], [s["reward"] > 0 for s in record["samples"][:8]]
+        if any(correct) and not all(correct) and per_family.get(family, 0) < 2:
             per_family[family] = per_family.get(family, 0) + 1
             picked.append(record)
     assert len(picked) == 12, per_family
 
-    def p_win_or_tie(e: TransformersEngine, prompt_ids: list[int], response: list[int]) -> float:
-        ids = prompt_ids + response + e.chat_format.suffix_after(response)
-        with torch.inference_mode():
-            logits = e.model(torch.tensor([ids])).logits[0, -1]
-        no, yes = e.chat_format.answer_token_ids
-        return float(logits[[no, yes]].softmax(-1)[0])
+    fmt = engine.chat_format
+    seqs = [
+        [*r["prompt_ids"], *s["token_ids"], *fmt.suffix_after(s["token_ids"])] for r in picked for s in r["samples"][:8]
+    ]
+    right = [s["reward"] > 0 for r in picked for s in r["samples"][:8]]
+    no_id, yes_id = fmt.answer_token_ids
 
     adapted = TransformersEngine.from_config(TransformersEngineConfig(adapter="default"))
     try:
         assert adapted.model_name.endswith("+selfeval")
-        right = [s["reward"] > 0 for r in picked for s in r["samples"][:8]]
-        aurocs = []
-        for e in (engine, adapted):
-            scores = [p_win_or_tie(e, r["prompt_ids"], s["token_ids"]) for r in picked for s in r["samples"][:8]]
-            aurocs.append(auroc(scores, right))
+        aurocs = [auroc(_p_win_or_tie(e.model, seqs, no_id, yes_id), right) for e in (engine, adapted)]
         base_auroc, adapted_auroc = aurocs
         assert base_auroc < 0.5 and adapted_auroc > 0.65, aurocs
     finally:
