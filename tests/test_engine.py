@@ -314,7 +314,7 @@ def test_invalid_engine_input(engine: TransformersEngine, chat_format: ChatForma
     assert isinstance(info.value, ValueError)
 
     row = engine.submit(prompt, [SamplingParams(max_new_tokens=3)])[0]
-    for bad in (0, -2, 1.5):
+    for bad in (0, -2, 1.5, True):
         with pytest.raises(InvalidSamplingError, match=f"until must be an integer >= 1 or None, got {bad}"):
             engine.generate([row], until=bad)  # type: ignore[arg-type]
     engine.close_request(engine.sample(row).request_id)

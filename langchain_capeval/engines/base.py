@@ -30,13 +30,16 @@ Example:
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+
+from langchain_capeval.errors import InvalidSamplingError, PromptTooLongError, RequestCancelledError
+from langchain_capeval.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from langchain_capeval.chat_format import ChatFormat
-    from langchain_capeval.sampling import SamplingParams
 
 RowId = int
 """Engine-wide id of one row (one sample)."""
@@ -71,6 +74,10 @@ class Usage:
     def total_tokens(self) -> int:
         """Every token the model processed or produced."""
         return self.prompt_tokens + self.generated_tokens + self.self_eval_tokens
+
+    def copy(self) -> Usage:
+        """A snapshot that later charges to this usage do not change."""
+        return replace(self)
 
     def add(self, other: Usage) -> Usage:
         """Return the sum of two usages."""
@@ -207,3 +214,103 @@ class Engine(Protocol):
         closed request is allowed.
         """
         ...
+
+
+# -- what every engine checks and keeps, whatever runs the model -------------------------------
+
+
+def checked_submission(
+    prompt_ids: Sequence[int], params: Sequence[SamplingParams], *, vocab_size: int, max_tokens: int
+) -> tuple[list[int], int]:
+    """Check a :meth:`Engine.submit` call before it touches any state; return the prompt and its longest row.
+
+    Args:
+        prompt_ids: The prompt's token ids.
+        params: One :class:`SamplingParams` per row.
+        vocab_size: The model's vocabulary size: every prompt id must be below it.
+        max_tokens: Room for prompt + response (the context length less the self-evaluation turn's tokens).
+
+    Returns:
+        The prompt as a list of ``int`` and the largest ``max_new_tokens`` of ``params``.
+
+    Raises:
+        InvalidSamplingError: ``params`` is empty or holds something else than ``SamplingParams``; the
+            prompt is empty or holds an id outside the vocabulary.
+        PromptTooLongError: The prompt plus the longest row does not fit in ``max_tokens``.
+
+    Example:
+        >>> checked_submission([1, 2, 3], [SamplingParams(max_new_tokens=8)], vocab_size=10, max_tokens=64)
+        ([1, 2, 3], 8)
+        >>> checked_submission([1, 12], [SamplingParams()], vocab_size=10, max_tokens=64)
+        Traceback (most recent call last):
+        ...
+        langchain_capeval.errors.InvalidSamplingError: prompt_ids: token ids must be in [0, 10), got 1..12
+
+    """
+    if not params:
+        raise InvalidSamplingError("params: give at least one SamplingParams (one per row)")
+    if not all(isinstance(p, SamplingParams) for p in params):
+        raise InvalidSamplingError("params: every item must be a SamplingParams")
+    prompt = [int(t) for t in prompt_ids]
+    if not prompt:
+        raise InvalidSamplingError("prompt_ids: the prompt is empty")
+    if min(prompt) < 0 or max(prompt) >= vocab_size:
+        lo, hi = min(prompt), max(prompt)
+        raise InvalidSamplingError(f"prompt_ids: token ids must be in [0, {vocab_size}), got {lo}..{hi}")
+    longest = max(p.max_new_tokens for p in params)
+    if len(prompt) + longest > max_tokens:
+        raise PromptTooLongError(len(prompt), longest, max_tokens)
+    return prompt, longest
+
+
+def check_until(until: object) -> None:
+    """Check :meth:`Engine.generate`'s ``until``: ``None`` or an integer >= 1.
+
+    Raises:
+        InvalidSamplingError: ``until`` is anything else.
+
+    """
+    if until is not None and (not isinstance(until, int) or isinstance(until, bool) or until < 1):
+        raise InvalidSamplingError(f"until must be an integer >= 1 or None, got {until!r}")
+
+
+class CancelledRequests:
+    """The ids of recently cancelled requests, so that a late ``submit`` for one of them fails.
+
+    A long-running server cancels requests without end, so only the newest ``capacity`` ids
+    are kept. Membership tests are safe from any thread (a ``dict`` lookup under the GIL).
+
+    Example:
+        >>> cancelled = CancelledRequests(capacity=2)
+        >>> for request_id in ("a", "b", "c"):
+        ...     cancelled.add(request_id)
+        >>> "a" in cancelled, "c" in cancelled, len(cancelled)
+        (False, True, 2)
+        >>> cancelled.check("c")
+        Traceback (most recent call last):
+        ...
+        langchain_capeval.errors.RequestCancelledError: request 'c' was cancelled
+
+    """
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def add(self, request_id: str) -> None:
+        """Remember ``request_id`` as cancelled; forget the oldest past ``capacity``."""
+        self._ids[request_id] = None
+        self._ids.move_to_end(request_id)
+        while len(self._ids) > self.capacity:
+            self._ids.popitem(last=False)
+
+    def check(self, request_id: str) -> None:
+        """Raise :class:`~langchain_capeval.errors.RequestCancelledError` if ``request_id`` was cancelled."""
+        if request_id in self._ids:
+            raise RequestCancelledError(f"request {request_id!r} was cancelled")
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)

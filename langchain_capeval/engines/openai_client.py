@@ -53,11 +53,19 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from langchain_capeval.chat_format import ChatFormat
-from langchain_capeval.engines.base import FinishReason, RowId, Sample, SelfEvaluation, Usage
+from langchain_capeval.engines.base import (
+    CancelledRequests,
+    FinishReason,
+    RowId,
+    Sample,
+    SelfEvaluation,
+    Usage,
+    check_until,
+    checked_submission,
+)
 from langchain_capeval.engines.decoding import win_or_tie_probability
 from langchain_capeval.errors import (
     InvalidSamplingError,
-    PromptTooLongError,
     RequestCancelledError,
     ServerConnectionError,
     ServerError,
@@ -176,7 +184,7 @@ class OpenAICompatibleEngine:
         self._requests: dict[str, _Request] = {}
         self._ids = itertools.count()
         self._lock = threading.RLock()
-        self._cancelled: set[str] = set()  # read without the lock by a stream being read
+        self._cancelled = CancelledRequests()  # read without the lock by a stream being read
         self._pool: ThreadPoolExecutor | None = None
 
     @classmethod
@@ -236,25 +244,15 @@ class OpenAICompatibleEngine:
         self, prompt_ids: Sequence[int], params: Sequence[SamplingParams], *, request_id: str | None = None
     ) -> list[RowId]:
         """Open one stream per ``params`` and read each row's first token."""
-        if not params:
-            raise InvalidSamplingError("params: give at least one SamplingParams (one per row)")
-        if not all(isinstance(p, SamplingParams) for p in params):
-            raise InvalidSamplingError("params: every item must be a SamplingParams")
-        prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise InvalidSamplingError("prompt_ids: the prompt is empty")
-        vocab = len(self._format.tokenizer)
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            lo, hi = min(prompt), max(prompt)
-            raise InvalidSamplingError(f"prompt_ids: token ids must be in [0, {vocab}), got {lo}..{hi}")
-        longest = max(p.max_new_tokens for p in params)
-        budget = self.context_length - self._suffix_room
-        if len(prompt) + longest > budget:
-            raise PromptTooLongError(len(prompt), longest, budget)
+        prompt, _ = checked_submission(
+            prompt_ids,
+            params,
+            vocab_size=len(self._format.tokenizer),
+            max_tokens=self.context_length - self._suffix_room,
+        )
         with self._lock:
             request_id = request_id or uuid.uuid4().hex
-            if request_id in self._cancelled:
-                raise RequestCancelledError(f"request {request_id!r} was cancelled")
+            self._cancelled.check(request_id)
             req = self._requests.get(request_id)
             if req is None:
                 req = self._requests[request_id] = _Request(prompt)
@@ -282,8 +280,7 @@ class OpenAICompatibleEngine:
 
         ``deadline`` (a :func:`time.monotonic` value) stops reading after the chunk that passes it.
         """
-        if until is not None and (not isinstance(until, int) or until < 1):
-            raise InvalidSamplingError(f"until must be an integer >= 1 or None, got {until!r}")
+        check_until(until)
         with self._lock:
             live = self._lookup(rows)
             for row in live:
@@ -340,8 +337,7 @@ class OpenAICompatibleEngine:
         with self._lock:
             if request_id not in self._requests:
                 raise UnknownRowError(f"unknown request {request_id!r}")
-            u = self._requests[request_id].usage
-            return Usage(u.prompt_tokens, u.generated_tokens, u.self_eval_tokens, u.wall_time_s)
+            return self._requests[request_id].usage.copy()
 
     def close_request(self, request_id: str) -> Usage:
         """Close every stream of a request and forget it; return its usage."""

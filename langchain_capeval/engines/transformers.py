@@ -36,7 +36,6 @@ import contextlib
 import itertools
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -45,7 +44,16 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from langchain_capeval.chat_format import ChatFormat
-from langchain_capeval.engines.base import FinishReason, RowId, Sample, SelfEvaluation, Usage
+from langchain_capeval.engines.base import (
+    CancelledRequests,
+    FinishReason,
+    RowId,
+    Sample,
+    SelfEvaluation,
+    Usage,
+    check_until,
+    checked_submission,
+)
 from langchain_capeval.engines.cpu import pack_decoder_linears, pack_output_projection, run_in_own_thread
 from langchain_capeval.engines.decoding import answer_probabilities, sample_next_tokens, win_or_tie_probability
 from langchain_capeval.engines.kv_batch import KVBatch, left_padded_chunk
@@ -55,7 +63,6 @@ from langchain_capeval.engines.scheduler import DecodeCall, StepScheduler
 from langchain_capeval.errors import (
     CapEvalError,
     InvalidSamplingError,
-    PromptTooLongError,
     RequestCancelledError,
     UnknownRowError,
 )
@@ -169,7 +176,7 @@ class TransformersEngine:
         self._requests: dict[str, _Request] = {}
         self._batches: list[KVBatch] = []  # every live row's cache is in exactly one batch
         self._ids = itertools.count()
-        self._cancelled: OrderedDict[str, None] = OrderedDict()  # recently cancelled request ids
+        self._cancelled = CancelledRequests()
         self.prefix_cache = prefix_cache
         self.scheduler = StepScheduler(self._decode_step, name=f"capeval-engine-{name}")
         self.load_report: LoadReport | None = None
@@ -237,21 +244,12 @@ class TransformersEngine:
 
         Each row's first token is sampled at once from the prompt's logits.
         """
-        if not params:
-            raise InvalidSamplingError("params: give at least one SamplingParams (one per row)")
-        if not all(isinstance(p, SamplingParams) for p in params):
-            raise InvalidSamplingError("params: every item must be a SamplingParams")
-        prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise InvalidSamplingError("prompt_ids: the prompt is empty")
-        vocab = self.model.config.get_text_config(decoder=True).vocab_size
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            lo, hi = min(prompt), max(prompt)
-            raise InvalidSamplingError(f"prompt_ids: token ids must be in [0, {vocab}), got {lo}..{hi}")
-        longest = max(p.max_new_tokens for p in params)
-        budget = self.context_length - self._suffix_room
-        if len(prompt) + longest > budget:
-            raise PromptTooLongError(len(prompt), longest, budget)
+        prompt, longest = checked_submission(
+            prompt_ids,
+            params,
+            vocab_size=self.model.config.get_text_config(decoder=True).vocab_size,
+            max_tokens=self.context_length - self._suffix_room,
+        )
         item = (prompt, list(params), longest, request_id or uuid.uuid4().hex)
         result: list[RowId] = self.scheduler.run_batched(self._submit_batch, item)
         return result
@@ -272,8 +270,7 @@ class TransformersEngine:
     def _submit(
         self, prompt: list[int], params: Sequence[SamplingParams], longest: int, request_id: str
     ) -> list[RowId]:
-        if request_id in self._cancelled:
-            raise RequestCancelledError(f"request {request_id!r} was cancelled")
+        self._cancelled.check(request_id)
         start = time.perf_counter()
         req = self._requests.get(request_id)
         if req is None:
@@ -336,8 +333,7 @@ class TransformersEngine:
         Rows that reach the checkpoint stay live: call again to resume. ``deadline``
         (a :func:`time.monotonic` value) stops decoding after the step that passes it.
         """
-        if until is not None and (not isinstance(until, int) or until < 1):
-            raise InvalidSamplingError(f"until must be an integer >= 1 or None, got {until!r}")
+        check_until(until)
         result: list[Sample] = self.scheduler.decode(DecodeCall(list(rows), until, deadline))
         return result
 
@@ -454,8 +450,7 @@ class TransformersEngine:
     def _usage(self, request_id: str) -> Usage:
         if request_id not in self._requests:
             raise UnknownRowError(f"unknown request {request_id!r}")
-        u = self._requests[request_id].usage
-        return Usage(u.prompt_tokens, u.generated_tokens, u.self_eval_tokens, u.wall_time_s, u.cached_prompt_tokens)
+        return self._requests[request_id].usage.copy()
 
     def close_request(self, request_id: str) -> Usage:
         """Release every row of a request; return its usage. Its prompt cache moves to the prefix cache."""
@@ -480,9 +475,7 @@ class TransformersEngine:
         self.scheduler.run(lambda: self._cancel(request_id))
 
     def _cancel(self, request_id: str) -> None:
-        self._cancelled[request_id] = None
-        while len(self._cancelled) > _CANCELLED_KEPT:
-            self._cancelled.popitem(last=False)
+        self._cancelled.add(request_id)
         req = self._requests.get(request_id)
         if req is None:
             return
@@ -622,7 +615,3 @@ class TransformersEngine:
             temperature=r.params.temperature,
             usage=Usage(0, u.generated_tokens, u.self_eval_tokens, u.wall_time_s),
         )
-
-
-_CANCELLED_KEPT = 4096
-"""Recently cancelled request ids remembered, so that a late submit for one fails."""

@@ -63,7 +63,6 @@ import os
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +72,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from langchain_capeval.chat_format import ChatFormat
-from langchain_capeval.engines.base import FinishReason, RowId, Sample, SelfEvaluation, Usage
+from langchain_capeval.engines.base import (
+    CancelledRequests,
+    FinishReason,
+    RowId,
+    Sample,
+    SelfEvaluation,
+    Usage,
+    check_until,
+    checked_submission,
+)
 from langchain_capeval.engines.decoding import win_or_tie_probability
 from langchain_capeval.errors import (
     CapEvalInputError,
@@ -81,8 +89,6 @@ from langchain_capeval.errors import (
     InvalidSamplingError,
     MissingExtraError,
     ModelNotInstalledError,
-    PromptTooLongError,
-    RequestCancelledError,
     UnknownRowError,
     UnsupportedFeatureError,
 )
@@ -96,9 +102,6 @@ MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 LORA_NAME = "capeval-selfeval"
 """Name of the self-evaluation adapter's ``LoRARequest``."""
-
-CANCELLED_KEPT = 4096
-"""Recently cancelled request ids remembered, so that a late submit for one fails."""
 
 NAMED_ENGINE_ARGS = frozenset(
     {
@@ -652,7 +655,7 @@ class VLLMEngine:
         self._jobs: dict[str, _Job] = {}  # vLLM request id -> what it is doing
         self._ids = itertools.count()
         self._lock = threading.RLock()
-        self._cancelled: OrderedDict[str, None] = OrderedDict()  # recently cancelled request ids
+        self._cancelled = CancelledRequests()
         self._closed = False
         self.model_path: str | None = None
         """The model folder vLLM loaded (set by :meth:`from_config`)."""
@@ -750,25 +753,13 @@ class VLLMEngine:
         Their first tokens come with the first :meth:`generate`, which adds one vLLM request
         per row; the rows of a request share the prompt through the prefix cache.
         """
-        if not params:
-            raise InvalidSamplingError("params: give at least one SamplingParams (one per row)")
-        if not all(isinstance(p, SamplingParams) for p in params):
-            raise InvalidSamplingError("params: every item must be a SamplingParams")
-        prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise InvalidSamplingError("prompt_ids: the prompt is empty")
-        if min(prompt) < 0 or max(prompt) >= self._vocab_size:
-            lo, hi = min(prompt), max(prompt)
-            raise InvalidSamplingError(f"prompt_ids: token ids must be in [0, {self._vocab_size}), got {lo}..{hi}")
-        longest = max(p.max_new_tokens for p in params)
-        budget = self.context_length - self._suffix_room
-        if len(prompt) + longest > budget:
-            raise PromptTooLongError(len(prompt), longest, budget)
+        prompt, _ = checked_submission(
+            prompt_ids, params, vocab_size=self._vocab_size, max_tokens=self.context_length - self._suffix_room
+        )
         with self._lock:
             self._check_open()
             request_id = request_id or uuid.uuid4().hex
-            if request_id in self._cancelled:
-                raise RequestCancelledError(f"request {request_id!r} was cancelled")
+            self._cancelled.check(request_id)
             req = self._requests.get(request_id)
             if req is None:
                 req = self._requests[request_id] = _Request(prompt)
@@ -793,8 +784,7 @@ class VLLMEngine:
         (:meth:`cancel`, from another thread), raises
         :class:`~langchain_capeval.errors.RequestCancelledError`.
         """
-        if until is not None and (not isinstance(until, int) or until < 1):
-            raise InvalidSamplingError(f"until must be an integer >= 1 or None, got {until!r}")
+        check_until(until)
         with self._lock:
             self._check_open()
             live = self._lookup(rows)
@@ -869,8 +859,7 @@ class VLLMEngine:
         with self._lock:
             if request_id not in self._requests:
                 raise UnknownRowError(f"unknown request {request_id!r}")
-            u = self._requests[request_id].usage
-            return Usage(u.prompt_tokens, u.generated_tokens, u.self_eval_tokens, u.wall_time_s)
+            return self._requests[request_id].usage.copy()
 
     def close_request(self, request_id: str) -> Usage:
         """Release every row of a request; return its usage."""
@@ -888,9 +877,7 @@ class VLLMEngine:
         is unknown (not started yet, or already closed) is allowed and makes its later submits fail.
         """
         with self._lock:
-            self._cancelled[request_id] = None
-            while len(self._cancelled) > CANCELLED_KEPT:
-                self._cancelled.popitem(last=False)
+            self._cancelled.add(request_id)
             if request_id in self._requests:
                 self.close_request(request_id)
 
@@ -1084,8 +1071,7 @@ class VLLMEngine:
 
     def _raise_if_cancelled(self, request_ids: set[str]) -> None:
         for request_id in request_ids:
-            if request_id in self._cancelled:
-                raise RequestCancelledError(f"request {request_id!r} was cancelled")
+            self._cancelled.check(request_id)
 
     def _lookup(self, rows: Sequence[RowId]) -> list[_Row]:
         out = []
