@@ -135,6 +135,34 @@ def test_seeded_sampling_and_stop_strings_match_transformers(
     assert got[2].finish_reason == "stop" and " =" not in got[2].text
 
 
+def test_an_answer_outside_the_top_k_reads_as_zero_and_is_counted(
+    server: BackgroundServer, engine: TransformersEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the top 2 logprobs only, some self-evaluations see one answer and not the other."""
+    prompt = engine.chat_format.encode(QUESTION)
+    params = [SamplingParams(temperature=1.0, max_new_tokens=12, seed=s) for s in range(8)]
+    with remote_engine(server, engine, top_logprobs=2) as remote, caplog.at_level("WARNING"):
+        rows = remote.submit(prompt, params)
+        got = remote.generate(rows)
+        remote_evals = remote.self_evaluate(rows)
+        outside = remote.answers_outside_top_k
+    rows = engine.submit(prompt, params)
+    want = engine.generate(rows)
+    exact = engine.self_evaluate(rows)
+    engine.close_request(want[0].request_id)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    one_missing = 0
+    for r, x in zip(remote_evals, exact, strict=True):
+        for read, true in ((r.p_no, x.p_no), (r.p_yes, x.p_yes)):
+            assert read == 0.0 or abs(read - true) < TOL, "an answer is read exactly, or not at all"
+        if (r.p_no == 0.0) != (r.p_yes == 0.0):
+            one_missing += 1
+            assert r.p_win_or_tie in (0.0, 1.0) and 0 < x.p_win_or_tie < 1
+    assert outside == one_missing > 0
+    warnings = [m for m in caplog.messages if "not in the server's top 2 logprobs" in m]
+    assert len(warnings) == 1, "the first answer outside the top k is logged, once per engine"
+
+
 def test_release_closes_the_stream_and_the_server_frees_the_row(
     server: BackgroundServer, engine: TransformersEngine
 ) -> None:

@@ -16,7 +16,8 @@ prompts go out as token ids (or as text, for servers that take only text).
   the request, so a pruned sample costs nothing further.
 * ``self_evaluate`` sends, per row, a one-token completion over prompt + response + the
   self-evaluation turn with ``logprobs=20`` and reads P("No") and P("Yes") from the top
-  logprobs. A server that returns no logprobs raises
+  logprobs; an answer outside them reads as 0 (counted in ``answers_outside_top_k``, the
+  first one logged). A server that returns no logprobs raises
   :class:`~langchain_capeval.errors.ServerFeatureError`. ``prompt_logprobs`` are never used.
 
 Requests retry, with exponential backoff, on connection errors, HTTP 429 and 5xx; 4xx
@@ -186,6 +187,9 @@ class OpenAICompatibleEngine:
         self._lock = threading.RLock()
         self._cancelled = CancelledRequests()  # read without the lock by a stream being read
         self._pool: ThreadPoolExecutor | None = None
+        self.answers_outside_top_k = 0
+        """Self-evaluations where one answer was outside the top ``top_logprobs`` and read as probability 0,
+        which puts P(win or tie) at 0 or 1 (the first one is logged as a warning)."""
 
     @classmethod
     def from_config(cls, config: OpenAIEngineConfig) -> OpenAICompatibleEngine:
@@ -306,6 +310,8 @@ class OpenAICompatibleEngine:
                 p_no, p_yes = read_answer_probabilities(
                     choices[0], self._answer_keys(self._no_id), self._answer_keys(self._yes_id)
                 )
+                if (p_no == 0.0) != (p_yes == 0.0):
+                    self._note_answer_outside_top_k(p_no, p_yes)
                 pushed = 1 + len(self._format.suffix_after(row.token_ids))  # as the transformers engine counts it
                 row.usage.self_eval_tokens += pushed
                 row.usage.wall_time_s += share
@@ -589,6 +595,20 @@ class OpenAICompatibleEngine:
                 f"{decode(prompt_ids, skip_special_tokens=False)}{row.text}{decode(suffix, skip_special_tokens=False)}"
             )
         return self._body(prompt, max_tokens=1, temperature=0.0, logprobs=self.config.top_logprobs, stream=False)
+
+    def _note_answer_outside_top_k(self, p_no: float, p_yes: float) -> None:
+        self.answers_outside_top_k += 1
+        if self.answers_outside_top_k == 1:
+            missing, present = ("Yes", p_no) if p_yes == 0.0 else ("No", p_yes)
+            logger.warning(
+                "self-evaluation: %r is not in the server's top %d logprobs and reads as probability 0 (the other "
+                "answer has %.3g), so P(win or tie) reads as %s; an adapter that puts little of the softmax on the two "
+                "answers (the two-way loss) ranks them low; the count is in `answers_outside_top_k`",
+                missing,
+                self.config.top_logprobs,
+                present,
+                "1" if missing == "Yes" else "0",
+            )
 
     def _answer_keys(self, token_id: int) -> tuple[str, ...]:
         """How a server may name a token in ``top_logprobs``: vLLM's ``token_id:N``, its text, its raw piece."""
