@@ -5,6 +5,7 @@ an answer outside them reads as probability 0. On the committed on-policy sample
 every 4th prompt, 60 prompts, teacher-forced), this counts how often both answers are in the top 20.
 
     python bench/answer_ranks.py results/training/v10-default-partial-credit/answer_ranks.json   # 4 min
+    python bench/answer_ranks.py OUT.json runs/fv-pc    # another adapter in place of the shipped default
 """
 
 from __future__ import annotations
@@ -44,10 +45,10 @@ def answer_ranks(engine: TransformersEngine, records: list[dict]) -> dict[str, f
     }
 
 
-def main(out: str) -> None:
+def main(out: str, adapter_path: str = "default") -> None:
     records = [json.loads(line) for line in DATA.read_text().splitlines()][::4][:60]
     report = {}
-    for name, adapter in (("base", None), ("default", "default")):
+    for name, adapter in (("base", None), ("default" if adapter_path == "default" else adapter_path, adapter_path)):
         engine = TransformersEngine.from_config(TransformersEngineConfig(adapter=adapter))
         try:
             report[name] = answer_ranks(engine, records)
@@ -58,4 +59,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])
