@@ -5,7 +5,7 @@ an answer outside them reads as probability 0. On the committed on-policy sample
 every 4th prompt, 60 prompts, teacher-forced), this counts how often both answers are in the top 20.
 
     python bench/answer_ranks.py results/training/v10-default-partial-credit/answer_ranks.json   # 4 min
-    python bench/answer_ranks.py OUT.json runs/fv-pc    # another adapter in place of the shipped default
+    python bench/answer_ranks.py OUT.json runs/default-fv   # an adapter folder in place of the shipped default
 """
 
 from __future__ import annotations
