@@ -4,8 +4,8 @@ An OpenAI-compatible server (and vLLM without ``logprob_token_ids``) returns the
 an answer outside them reads as probability 0. On the committed on-policy samples (the first 8 samples of
 every 4th prompt, 60 prompts, teacher-forced), this counts how often both answers are in the top 20.
 
-    python bench/answer_ranks.py results/training/v10-default-partial-credit/answer_ranks.json   # 4 min
-    python bench/answer_ranks.py OUT.json runs/default-fv   # an adapter folder in place of the shipped default
+    python bench/answer_ranks.py results/training/v11-default-full-vocab/answer_ranks.json  # 4 min, shipped default
+    python bench/answer_ranks.py OUT.json runs/default-pc   # an adapter folder instead (v10: section 15's adapter)
 """
 
 from __future__ import annotations
