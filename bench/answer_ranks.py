@@ -48,7 +48,7 @@ def answer_ranks(engine: TransformersEngine, records: list[dict]) -> dict[str, f
 def main(out: str, adapter_path: str = "default") -> None:
     records = [json.loads(line) for line in DATA.read_text().splitlines()][::4][:60]
     report = {}
-    for name, adapter in (("base", None), ("default" if adapter_path == "default" else adapter_path, adapter_path)):
+    for name, adapter in (("base", None), (adapter_path, adapter_path)):
         engine = TransformersEngine.from_config(TransformersEngineConfig(adapter=adapter))
         try:
             report[name] = answer_ranks(engine, records)

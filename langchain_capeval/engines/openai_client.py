@@ -67,7 +67,6 @@ from langchain_capeval.engines.base import (
 from langchain_capeval.engines.decoding import win_or_tie_probability
 from langchain_capeval.errors import (
     InvalidSamplingError,
-    RequestCancelledError,
     ServerConnectionError,
     ServerError,
     ServerFeatureError,
@@ -505,8 +504,7 @@ class OpenAICompatibleEngine:
         start = time.perf_counter()
         try:
             while not row.finished and (until is None or len(row.token_ids) < until):
-                if row.request_id in self._cancelled:
-                    raise RequestCancelledError(f"request {row.request_id!r} was cancelled")
+                self._cancelled.check(row.request_id)
                 event = self._next_event(row)
                 if event is None:
                     raise ServerError(f"the stream of row {row.id} ended before its completion finished")
