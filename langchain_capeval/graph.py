@@ -300,7 +300,9 @@ class CapEvalNodes:
         """Keep the top ``keep_ratio`` of the active samples by self-evaluation; release the others."""
         cfg = self.settings(runtime)
         active = active_samples(state)
-        keep = set(prune_survivors([s["score"] or 0.0 for s in active], cfg.keep_ratio))
+        keep = set(
+            prune_survivors([s["score"] or 0.0 for s in active], cfg.keep_ratio, responses=[s["text"] for s in active])
+        )
         dropped = [s for i, s in enumerate(active) if i not in keep]
         self.engine.release([s["row"] for s in dropped])
         trace = _emit(
@@ -326,7 +328,12 @@ class CapEvalNodes:
         if not candidates:
             trace = _emit({"event": "accepted", "sample": None, "reason": reason, "samples": 0})
             return {"answer": "", "answer_index": None, "stop_reason": reason, "usage": usage, "trace": trace}
-        pick = candidates[best_of_n([s["score"] if s["score"] is not None else -1.0 for s in candidates])]
+        pick = candidates[
+            best_of_n(
+                [s["score"] if s["score"] is not None else -1.0 for s in candidates],
+                responses=[s["text"] for s in candidates],
+            )
+        ]
         trace = _emit(
             {
                 "event": "accepted",

@@ -124,11 +124,40 @@ def budget_stop_reason(
     return "max_total_tokens"
 
 
-def prune_survivors(scores: Sequence[float], keep_ratio: float) -> list[int]:
+def same_response_scores(scores: Sequence[float], responses: Sequence[str] | None) -> list[float]:
+    """``scores`` with every copy of a response given the score of its earliest copy.
+
+    Two samples with the same text are the same response, but their self-evaluations can differ
+    in the last float bits (each was scored in a different batch). Sharing the earliest copy's
+    score makes the choice between copies a tie, which every decision here breaks towards the
+    earlier sample, whatever the batch. ``responses=None`` leaves the scores as they are.
+
+    Example:
+        >>> same_response_scores([0.5, 0.7, 0.7000001], ["4", "5", "5"])
+        [0.5, 0.7, 0.7]
+
+    """
+    if responses is None:
+        return list(scores)
+    if len(responses) != len(scores):
+        raise ValueError(f"{len(scores)} scores but {len(responses)} responses")
+    earliest: dict[str, int] = {}
+    return [scores[earliest.setdefault(r, i)] for i, r in enumerate(responses)]
+
+
+def prune_survivors(scores: Sequence[float], keep_ratio: float, responses: Sequence[str] | None = None) -> list[int]:
     """Indices of the samples kept at a pruning checkpoint: the top ``ceil(n * keep_ratio)`` by score.
 
-    At least one is kept; ties keep the earlier sample; the result is in index order.
+    At least one is kept; ties keep the earlier sample; the result is in index order. With
+    ``responses`` (the samples' texts so far), copies of one prefix rank as its earliest copy
+    (:func:`same_response_scores`).
+
+    Example:
+        >>> prune_survivors([0.4, 0.9, 0.9000001, 0.2], keep_ratio=0.25, responses=["a", "b", "b", "c"])
+        [1]
+
     """
+    scores = same_response_scores(scores, responses)
     n = len(scores)
     if n == 0:
         return []
@@ -137,8 +166,18 @@ def prune_survivors(scores: Sequence[float], keep_ratio: float) -> list[int]:
     return sorted(order[:k])
 
 
-def best_of_n(scores: Sequence[float]) -> int:
-    """Index of the sample with the highest self-evaluation (the earliest on ties)."""
+def best_of_n(scores: Sequence[float], responses: Sequence[str] | None = None) -> int:
+    """Index of the sample with the highest self-evaluation (the earliest on ties).
+
+    With ``responses``, copies of one response rank as its earliest copy
+    (:func:`same_response_scores`), so the earliest copy is returned.
+
+    Example:
+        >>> best_of_n([0.3, 0.8, 0.8000001], responses=["x", "y", "y"])
+        1
+
+    """
     if not scores:
         raise ValueError("best_of_n needs at least one score")
+    scores = same_response_scores(scores, responses)
     return max(range(len(scores)), key=lambda i: (scores[i], -i))

@@ -52,6 +52,8 @@ def sample(
     answer: str | None = None,
     judge: float | None = None,
     certainty: float | None = None,
+    text: str | None = None,
+    text_at: dict[int, str] | None = None,
 ) -> PoolSample:
     """A hand-built sample; ``p_at`` gives its scores at the checkpoints it is still generating at."""
     at = p_at or {}
@@ -60,7 +62,7 @@ def sample(
         index=i,
         temperature=temperature,
         seed=i,
-        text=answer or "",
+        text=f"response {i}: {answer}" if text is None else text,  # by default each sample its own response
         num_tokens=tokens,
         finish_reason="eos",
         correct=correct,
@@ -68,6 +70,7 @@ def sample(
         final_eval_tokens=FINAL,
         p_at=dict(at),
         tokens_at={c: c for c in at},
+        text_at=dict(text_at or {}),
         answer=answer,
         judge_score=judge,
         judge_tokens=100 if judge is not None else None,
@@ -154,6 +157,26 @@ def test_pruning_at_an_unrecorded_checkpoint_is_refused() -> None:
     pool = [sample(i, 0.5, tokens=30, p_at={4: 0.5, 8: 0.5, 16: 0.5}) for i in range(4)]
     with pytest.raises(ValueError, match="pauses at 12 tokens"):
         replay(pool, strategy="prune", num_samples=4, prune_checkpoints=(12,))
+
+
+def test_copies_of_one_response_replay_as_the_graph_picks_them() -> None:
+    # Copies of one text whose scores differ in the last float bits: the earliest copy, as the graph picks.
+    pool = [sample(0, 0.4), sample(1, 0.7, text="7", correct=True), sample(2, 0.7000002, text="7", correct=True)]
+    assert replay(pool, strategy="best_of_n", num_samples=3).pick == 1
+    # Copies of one prefix at the pruning checkpoint: the earliest copy survives, whatever its later text.
+    prefix = {8: "3 + 4 ="}
+    pool = [
+        sample(0, 0.9, tokens=20, p_at={4: 0.5, 8: 0.6}, text="3 + 4 = 7", text_at=prefix, correct=True),
+        sample(1, 0.8, tokens=20, p_at={4: 0.5, 8: 0.6000003}, text="3 + 4 = 8", text_at=prefix),
+        sample(2, 0.7, tokens=20, p_at={4: 0.5, 8: 0.2}),
+        sample(3, 0.7, tokens=20, p_at={4: 0.5, 8: 0.1}),
+    ]
+    out = replay(pool, strategy="prune", num_samples=4, prune_checkpoints=(8,), keep_ratio=0.25)
+    assert (out.pick, out.correct) == (0, 1.0)
+    # A pool written before text_at: prefixes compare by full text, which tells these two apart.
+    older = [s.with_changes(text_at={}) for s in pool]
+    assert replay(older, strategy="prune", num_samples=4, prune_checkpoints=(8,), keep_ratio=0.25).pick == 1
+    assert PoolSample.from_dict(json.loads(json.dumps(pool[1].to_dict()))) == pool[1]
 
 
 # -- best-of-N and the baselines ------------------------------------------------------------
@@ -292,7 +315,8 @@ def test_end_to_end_run_writes_everything_and_resumes(engine: Any, tmp_path: Pat
         for s in (*pool.fixed, *pool.annealed):
             assert s.correct == check(task, s.text) and s.answer == answer_key(task, s.text)
             assert set(s.p_at) == {c for c in (4, 8) if s.num_tokens > c}  # paused only while generating
-            assert all(s.tokens_at[c] == c for c in s.p_at) and 0.0 <= s.p_final <= 1.0
+            assert all(s.tokens_at[c] == c and s.text.startswith(s.text_at[c]) for c in s.p_at)
+            assert 0.0 <= s.p_final <= 1.0 and set(s.text_at) == set(s.p_at)
         for s in pool.fixed:
             assert s.judge_score is not None and 0.0 <= s.judge_score <= 10.0 and s.judge_tokens
             assert s.self_certainty is not None and s.self_certainty > 0.0

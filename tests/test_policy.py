@@ -12,6 +12,7 @@ from langchain_capeval.policy import (
     budget_stop_reason,
     plan_next_batch,
     prune_survivors,
+    same_response_scores,
     threshold_met,
 )
 
@@ -99,6 +100,22 @@ def test_best_of_n() -> None:
     assert best_of_n([0.3, 0.9, 0.9, 0.1]) == 1
     with pytest.raises(ValueError, match="at least one"):
         best_of_n([])
+
+
+def test_copies_of_one_response_rank_as_its_earliest_copy() -> None:
+    scores = [0.4, 0.7, 0.2, 0.7000003]
+    assert best_of_n(scores) == 3  # by score alone, float rounding picks the later copy
+    assert best_of_n(scores, responses=["a", "b", "c", "b"]) == 1
+    assert same_response_scores(scores, ["a", "b", "c", "b"]) == [0.4, 0.7, 0.2, 0.7]
+    assert same_response_scores(scores, None) == scores
+    # the earliest copy's score speaks for every copy, even when a later copy scored higher
+    assert best_of_n([0.6999997, 0.7, 0.7000001], responses=["x", "y", "x"]) == 1
+    assert prune_survivors([0.9, 0.3, 0.9000001, 0.8], keep_ratio=0.5) == [0, 2]
+    assert prune_survivors([0.9, 0.3, 0.9000001, 0.8], keep_ratio=0.5, responses=["p", "q", "p", "r"]) == [0, 2]
+    assert prune_survivors([0.9, 0.3, 0.9000001, 0.8], keep_ratio=0.25, responses=["p", "q", "p", "r"]) == [0]
+    assert prune_survivors([0.8999, 0.3, 0.9, 0.8], keep_ratio=0.25, responses=["p", "q", "p", "r"]) == [0]
+    with pytest.raises(ValueError, match="3 scores but 2 responses"):
+        best_of_n([0.1, 0.2, 0.3], responses=["a", "b"])
 
 
 @pytest.mark.parametrize(

@@ -163,6 +163,7 @@ class _Drawn:
     final: SelfEvaluation | None
     p_at: dict[int, float] = field(default_factory=dict)
     tokens_at: dict[int, int] = field(default_factory=dict)
+    text_at: dict[int, str] = field(default_factory=dict)
 
 
 def _decode(
@@ -181,6 +182,7 @@ def _decode(
         rows = [r for rs in rows_of for r in rs]
         p_at: dict[int, dict[int, float]] = {r: {} for r in rows}
         tokens_at: dict[int, dict[int, int]] = {r: {} for r in rows}
+        text_at: dict[int, dict[int, str]] = {r: {} for r in rows}
         going = list(rows)
         for c in checkpoints if self_evaluate else ():
             if not going:
@@ -189,10 +191,11 @@ def _decode(
             for s, e in zip(live, engine.self_evaluate([s.row for s in live]), strict=True):
                 p_at[s.row][c] = e.p_win_or_tie
                 tokens_at[s.row][c] = s.num_tokens
+                text_at[s.row][c] = s.text
             going = [s.row for s in live]
         samples = {s.row: s for s in engine.generate(rows)}
         finals = {e.row: e for e in engine.self_evaluate(rows)} if self_evaluate else {}
-        return [[_Drawn(samples[r], finals.get(r), p_at[r], tokens_at[r]) for r in rs] for rs in rows_of]
+        return [[_Drawn(samples[r], finals.get(r), p_at[r], tokens_at[r], text_at[r]) for r in rs] for rs in rows_of]
     finally:
         for request_id in opened:
             engine.close_request(request_id)
@@ -213,6 +216,7 @@ def _pool_sample(task: Task, index: int, params: SamplingParams, drawn: _Drawn, 
         final_eval_tokens=1 + len(engine.chat_format.suffix_after(s.token_ids)),
         p_at=dict(drawn.p_at),
         tokens_at=dict(drawn.tokens_at),
+        text_at=dict(drawn.text_at),
         p_no=e.p_no,
         p_yes=e.p_yes,
         answer=answer_key(task, s.text),

@@ -59,6 +59,9 @@ class PoolSample:
             token plus the turn; one fewer when the response ended its turn).
         p_at: P(win or tie) at each checkpoint the sample was still generating at.
         tokens_at: Tokens it held when paused at each of those checkpoints.
+        text_at: Its text when paused at each of those checkpoints (the graph prunes copies of one
+            prefix as one; pools written before this field replay with ``text`` instead, which
+            only misses copies whose continuations differ).
         p_no: Raw P("No") of the full response.
         p_yes: Raw P("Yes") of the full response.
         answer: The answer extracted from the response (numeric kinds), for majority vote.
@@ -80,6 +83,7 @@ class PoolSample:
     final_eval_tokens: int
     p_at: dict[int, float] = field(default_factory=dict)
     tokens_at: dict[int, int] = field(default_factory=dict)
+    text_at: dict[int, str] = field(default_factory=dict)
     p_no: float | None = None
     p_yes: float | None = None
     answer: str | None = None
@@ -92,6 +96,7 @@ class PoolSample:
         d = asdict(self)
         d["p_at"] = {str(k): v for k, v in self.p_at.items()}
         d["tokens_at"] = {str(k): v for k, v in self.tokens_at.items()}
+        d["text_at"] = {str(k): v for k, v in self.text_at.items()}
         return d
 
     @classmethod
@@ -100,6 +105,7 @@ class PoolSample:
         data = dict(d)
         data["p_at"] = {int(k): float(v) for k, v in data.get("p_at", {}).items()}
         data["tokens_at"] = {int(k): int(v) for k, v in data.get("tokens_at", {}).items()}
+        data["text_at"] = {int(k): str(v) for k, v in data.get("text_at", {}).items()}
         return cls(**data)
 
     def with_changes(self, **changes: Any) -> PoolSample:

@@ -27,8 +27,9 @@ and majority vote over the first N samples, oracle stopping) are plain functions
 Example:
     >>> from langchain_capeval.bench.records import PoolSample
     >>> from langchain_capeval.config import CapEvalConfig
-    >>> pool = [PoolSample(index=i, temperature=0.8, seed=i, text="", num_tokens=10, finish_reason="eos",
-    ...                    correct=i == 1, p_final=p, final_eval_tokens=27) for i, p in enumerate([0.3, 0.9])]
+    >>> pool = [PoolSample(index=i, temperature=0.8, seed=i, text=t, num_tokens=10, finish_reason="eos",
+    ...                    correct=t == "7", p_final=p, final_eval_tokens=27)
+    ...         for i, (t, p) in enumerate([("6", 0.3), ("7", 0.9)])]
     >>> policy = CapEvalConfig(strategy="best_of_n", num_samples=2, max_new_tokens=48)
     >>> replay_graph(pool, policy, eval_tokens=28, checkpoints=(8,), max_new_tokens=48)
     Outcome(correct=1.0, samples=2, generated_tokens=20, eval_tokens=54, pick=1, stop_reason='best_of_n')
@@ -128,12 +129,18 @@ def _advance(
 ) -> tuple[SampleRecord, int | None]:
     """The record after ``engine.generate(until=until)``, and the checkpoint it paused at (``None``: finished)."""
     if until is not None and until in sample.p_at:
-        return _record(**{**record, "num_tokens": sample.tokens_at[until]}), until
+        paused = {"num_tokens": sample.tokens_at[until], "text": sample.text_at.get(until, sample.text)}
+        return _record(**{**record, **paused}), until
     if until is not None and until not in checkpoints and until < max_new_tokens:
         raise ValueError(
             f"the policy pauses at {until} tokens, but the pools were self-evaluated only at {tuple(checkpoints)}"
         )
-    done = {"num_tokens": sample.num_tokens, "finished": True, "finish_reason": sample.finish_reason}
+    done = {
+        "text": sample.text,
+        "num_tokens": sample.num_tokens,
+        "finished": True,
+        "finish_reason": sample.finish_reason,
+    }
     return _record(**{**record, **done}), None
 
 
@@ -228,7 +235,9 @@ def _self_evaluate(run: _Replay, pool: Sequence[PoolSample], eval_tokens: int) -
 def _prune(run: _Replay, policy: CapEvalConfig) -> None:
     """Mirror of ``CapEvalNodes.prune``: keep the top ``keep_ratio`` of the active samples by score."""
     active = active_samples(run.state)
-    keep = set(prune_survivors([s["score"] or 0.0 for s in active], policy.keep_ratio))
+    keep = set(
+        prune_survivors([s["score"] or 0.0 for s in active], policy.keep_ratio, responses=[s["text"] for s in active])
+    )
     dropped = [_record(**{**s, "pruned": True}) for i, s in enumerate(active) if i not in keep]
     run.state["samples"] = _merge(run.state, dropped)
 
@@ -276,7 +285,12 @@ def replay_graph(
     state = run.state
     reason = stop_reason(state, policy, eval_tokens) or "schedule_done"
     candidates = [s for s in state["samples"] if s["finished"] and not s["pruned"]]
-    pick = candidates[best_of_n([s["score"] if s["score"] is not None else -1.0 for s in candidates])]
+    pick = candidates[
+        best_of_n(
+            [s["score"] if s["score"] is not None else -1.0 for s in candidates],
+            responses=[s["text"] for s in candidates],
+        )
+    ]
     usage = state["usage"]
     return Outcome(
         correct=float(pool[pick["index"]].correct),
