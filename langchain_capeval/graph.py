@@ -47,6 +47,7 @@ from langchain_capeval.policy import (
     budget_stop_reason,
     plan_next_batch,
     prune_survivors,
+    same_response_scores,
     threshold_met,
 )
 from langchain_capeval.sampling import SamplingParams
@@ -121,8 +122,14 @@ def tokens_spent(state: CapEvalState) -> int:
 
 
 def _best_finished_score(state: CapEvalState) -> float | None:
-    scores = [s["score"] for s in state.get("samples", []) if s["finished"] and s["score"] is not None]
-    return max(scores) if scores else None
+    """The score of the finished sample ``accept`` would return (copies of one response count as the earliest)."""
+    scores: list[float] = []
+    texts: list[str] = []
+    for s in state.get("samples", []):
+        if s["finished"] and s["score"] is not None:
+            scores.append(s["score"])
+            texts.append(s["text"])
+    return max(same_response_scores(scores, texts)) if scores else None
 
 
 def stop_reason(state: CapEvalState, config: CapEvalConfig, eval_tokens: int) -> StopReason | None:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from langchain_capeval.config import CapEvalConfig
-from langchain_capeval.graph import build_graph
+from langchain_capeval.graph import build_graph, stop_reason
 
 QUESTION = [{"role": "user", "content": "What is 3 + 4?"}]
 
@@ -102,6 +102,29 @@ def test_copies_of_one_response_resolve_to_the_earliest_whatever_batch_scored_th
     assert final["answer_index"] == 0
     final, _ = run(engine, strategy="best_of_n", num_samples=4, temperature=0.0)
     assert final["answer_index"] == 0
+
+
+def test_the_threshold_reads_the_score_of_the_copy_accept_returns() -> None:
+    def finished(index: int, text: str, score: float) -> dict[str, Any]:
+        return {
+            "index": index,
+            "row": index,
+            "batch": index,
+            "temperature": 0.4,
+            "text": text,
+            "num_tokens": 9,
+            "finished": True,
+            "finish_reason": "eos",
+            "score": score,
+            "scored_at": 9,
+            "pruned": False,
+        }
+
+    cfg = CapEvalConfig(accept_threshold=0.7, max_samples=8)
+    state: Any = {"samples": [finished(0, "7", 0.6999999), finished(1, "7", 0.7000002)], "batches_drawn": 2}
+    assert stop_reason(state, cfg, eval_tokens=28) is None  # the earliest copy, the one returned, is below it
+    state["samples"].append(finished(2, "8", 0.7000001))
+    assert stop_reason(state, cfg, eval_tokens=28) == "threshold_met"
 
 
 def test_pruning_keeps_the_earliest_copies_of_one_prefix(engine: Any) -> None:
