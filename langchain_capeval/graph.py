@@ -31,6 +31,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal, TypedDict, cast
 
 from langgraph.config import get_stream_writer
@@ -47,7 +48,6 @@ from langchain_capeval.policy import (
     budget_stop_reason,
     plan_next_batch,
     prune_survivors,
-    same_response_scores,
     threshold_met,
 )
 from langchain_capeval.sampling import SamplingParams
@@ -121,15 +121,24 @@ def tokens_spent(state: CapEvalState) -> int:
     return int(u.get("generated_tokens", 0) + u.get("self_eval_tokens", 0))
 
 
+def best_scored(samples: Sequence[SampleRecord]) -> SampleRecord:
+    """The sample best-of-N returns among ``samples`` (:func:`~langchain_capeval.policy.best_of_n`).
+
+    The highest self-evaluation wins, unscored samples rank last, copies of one response count as the earliest.
+    """
+    scores = [s["score"] if s["score"] is not None else -1.0 for s in samples]
+    return samples[best_of_n(scores, responses=[s["text"] for s in samples])]
+
+
+def pruning_survivors(active: Sequence[SampleRecord], keep_ratio: float) -> set[int]:
+    """Positions in ``active`` kept at a pruning checkpoint (:func:`~langchain_capeval.policy.prune_survivors`)."""
+    return set(prune_survivors([s["score"] or 0.0 for s in active], keep_ratio, responses=[s["text"] for s in active]))
+
+
 def _best_finished_score(state: CapEvalState) -> float | None:
-    """The score of the finished sample ``accept`` would return (copies of one response count as the earliest)."""
-    scores: list[float] = []
-    texts: list[str] = []
-    for s in state.get("samples", []):
-        if s["finished"] and s["score"] is not None:
-            scores.append(s["score"])
-            texts.append(s["text"])
-    return max(same_response_scores(scores, texts)) if scores else None
+    """The score of the finished sample ``accept`` would return."""
+    scored = [s for s in state.get("samples", []) if s["finished"] and s["score"] is not None]
+    return best_scored(scored)["score"] if scored else None
 
 
 def stop_reason(state: CapEvalState, config: CapEvalConfig, eval_tokens: int) -> StopReason | None:
@@ -307,9 +316,7 @@ class CapEvalNodes:
         """Keep the top ``keep_ratio`` of the active samples by self-evaluation; release the others."""
         cfg = self.settings(runtime)
         active = active_samples(state)
-        keep = set(
-            prune_survivors([s["score"] or 0.0 for s in active], cfg.keep_ratio, responses=[s["text"] for s in active])
-        )
+        keep = pruning_survivors(active, cfg.keep_ratio)
         dropped = [s for i, s in enumerate(active) if i not in keep]
         self.engine.release([s["row"] for s in dropped])
         trace = _emit(
@@ -335,12 +342,7 @@ class CapEvalNodes:
         if not candidates:
             trace = _emit({"event": "accepted", "sample": None, "reason": reason, "samples": 0})
             return {"answer": "", "answer_index": None, "stop_reason": reason, "usage": usage, "trace": trace}
-        pick = candidates[
-            best_of_n(
-                [s["score"] if s["score"] is not None else -1.0 for s in candidates],
-                responses=[s["text"] for s in candidates],
-            )
-        ]
+        pick = best_scored(candidates)
         trace = _emit(
             {
                 "event": "accepted",

@@ -7,8 +7,8 @@ annealed pool at the annealed temperatures), each with its self-evaluation at ev
 and at the end. :func:`replay_graph` then walks the graph's state machine over a pool, calling
 the functions the graph calls (:func:`~langchain_capeval.policy.plan_next_batch`,
 :func:`~langchain_capeval.graph.route_after_self_evaluation`,
-:func:`~langchain_capeval.graph.stop_reason`, :func:`~langchain_capeval.policy.prune_survivors`,
-:func:`~langchain_capeval.policy.best_of_n`) on the same kind of state, node by node:
+:func:`~langchain_capeval.graph.stop_reason`, :func:`~langchain_capeval.graph.pruning_survivors`,
+:func:`~langchain_capeval.graph.best_scored`) on the same kind of state, node by node:
 
 - *generate*: continue the samples still generating to the next checkpoint (when the batch of
   a pruning strategy has more than one), or draw the next planned batch;
@@ -52,11 +52,13 @@ from langchain_capeval.graph import (  # the graph's own helpers: the replay mus
     CapEvalState,
     SampleRecord,
     active_samples,
+    best_scored,
+    pruning_survivors,
     route_after_self_evaluation,
     stop_reason,
     tokens_spent,
 )
-from langchain_capeval.policy import best_of_n, plan_next_batch, prune_survivors
+from langchain_capeval.policy import best_of_n, plan_next_batch
 
 # -- the graph's policies -----------------------------------------------------------------------
 
@@ -235,9 +237,7 @@ def _self_evaluate(run: _Replay, pool: Sequence[PoolSample], eval_tokens: int) -
 def _prune(run: _Replay, policy: CapEvalConfig) -> None:
     """Mirror of ``CapEvalNodes.prune``: keep the top ``keep_ratio`` of the active samples by score."""
     active = active_samples(run.state)
-    keep = set(
-        prune_survivors([s["score"] or 0.0 for s in active], policy.keep_ratio, responses=[s["text"] for s in active])
-    )
+    keep = pruning_survivors(active, policy.keep_ratio)
     dropped = [_record(**{**s, "pruned": True}) for i, s in enumerate(active) if i not in keep]
     run.state["samples"] = _merge(run.state, dropped)
 
@@ -285,12 +285,7 @@ def replay_graph(
     state = run.state
     reason = stop_reason(state, policy, eval_tokens) or "schedule_done"
     candidates = [s for s in state["samples"] if s["finished"] and not s["pruned"]]
-    pick = candidates[
-        best_of_n(
-            [s["score"] if s["score"] is not None else -1.0 for s in candidates],
-            responses=[s["text"] for s in candidates],
-        )
-    ]
+    pick = best_scored(candidates)
     usage = state["usage"]
     return Outcome(
         correct=float(pool[pick["index"]].correct),
