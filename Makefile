@@ -28,7 +28,7 @@ lint: install
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/pytest tests langchain_capeval -q
+	$(BIN)/pytest tests langchain_capeval -q --durations=25
 
 bench: install
 	$(BIN)/python bench/engine_bench.py
