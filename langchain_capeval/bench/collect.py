@@ -157,13 +157,11 @@ class _Job:
 
 @dataclass
 class _Drawn:
-    """One decoded row: its final snapshot, its final self-evaluation, its checkpoint scores."""
+    """One decoded row: its final snapshot and self-evaluation, and both at each checkpoint it was paused at."""
 
     sample: Sample
     final: SelfEvaluation | None
-    p_at: dict[int, float] = field(default_factory=dict)
-    tokens_at: dict[int, int] = field(default_factory=dict)
-    text_at: dict[int, str] = field(default_factory=dict)
+    paused: dict[int, tuple[Sample, SelfEvaluation]] = field(default_factory=dict)
 
 
 def _decode(
@@ -180,22 +178,18 @@ def _decode(
             rows_of.append(engine.submit(job.prompt_ids, job.params, request_id=job.request_id))
             opened.append(job.request_id)
         rows = [r for rs in rows_of for r in rs]
-        p_at: dict[int, dict[int, float]] = {r: {} for r in rows}
-        tokens_at: dict[int, dict[int, int]] = {r: {} for r in rows}
-        text_at: dict[int, dict[int, str]] = {r: {} for r in rows}
+        paused: dict[int, dict[int, tuple[Sample, SelfEvaluation]]] = {r: {} for r in rows}
         going = list(rows)
         for c in checkpoints if self_evaluate else ():
             if not going:
                 break
             live = [s for s in engine.generate(going, until=c) if not s.finished]
             for s, e in zip(live, engine.self_evaluate([s.row for s in live]), strict=True):
-                p_at[s.row][c] = e.p_win_or_tie
-                tokens_at[s.row][c] = s.num_tokens
-                text_at[s.row][c] = s.text
+                paused[s.row][c] = (s, e)
             going = [s.row for s in live]
         samples = {s.row: s for s in engine.generate(rows)}
         finals = {e.row: e for e in engine.self_evaluate(rows)} if self_evaluate else {}
-        return [[_Drawn(samples[r], finals.get(r), p_at[r], tokens_at[r], text_at[r]) for r in rs] for rs in rows_of]
+        return [[_Drawn(samples[r], finals.get(r), paused[r]) for r in rs] for rs in rows_of]
     finally:
         for request_id in opened:
             engine.close_request(request_id)
@@ -214,9 +208,9 @@ def _pool_sample(task: Task, index: int, params: SamplingParams, drawn: _Drawn, 
         correct=check(task, s.text),
         p_final=e.p_win_or_tie,
         final_eval_tokens=1 + len(engine.chat_format.suffix_after(s.token_ids)),
-        p_at=dict(drawn.p_at),
-        tokens_at=dict(drawn.tokens_at),
-        text_at=dict(drawn.text_at),
+        p_at={c: e_c.p_win_or_tie for c, (_, e_c) in drawn.paused.items()},
+        tokens_at={c: s_c.num_tokens for c, (s_c, _) in drawn.paused.items()},
+        text_at={c: s_c.text for c, (s_c, _) in drawn.paused.items()},
         p_no=e.p_no,
         p_yes=e.p_yes,
         answer=answer_key(task, s.text),
