@@ -160,8 +160,10 @@ def test_eval_selfeval_runs_a_scoped_adapter_as_the_engine_does(tmp_path: Path) 
     rows = [json.loads(line) for line in (tmp_path / "selfeval_samples.jsonl").read_text().splitlines()]
     by_model = {m: [r for r in rows if r["model"] == m] for m in ("base", "adapted")}
     assert len(by_model["base"]) == len(by_model["adapted"]) == 4
-    same = [(r["task_id"], r["num_tokens"], r["correct"]) for r in by_model["base"]]
-    assert same == [(r["task_id"], r["num_tokens"], r["correct"]) for r in by_model["adapted"]]
+    same = [(r["task_id"], r["num_tokens"], r["correct"], r["right_at"]) for r in by_model["base"]]
+    assert same == [(r["task_id"], r["num_tokens"], r["correct"], r["right_at"]) for r in by_model["adapted"]]
+    assert all(set(r["right_at"]) == set(r["p_at"]) for r in rows), "a checker verdict at every pause"
+    assert any(r["right_at"] for r in rows)
     pairs = zip(by_model["base"], by_model["adapted"], strict=True)
     assert any(abs(a["p_full"] - b["p_full"]) > 0.05 for a, b in pairs), "the adapter self-evaluates"
     # One decoding pass scored both; the base model's scores are those of a pass of its own.

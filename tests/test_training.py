@@ -234,6 +234,15 @@ def test_best_of_n_and_summary() -> None:
     assert out["auroc_full"] == 1.0
     assert out["auroc_at"] == {"8": 1.0, "16": None}
     assert out["samples_at"] == {"8": 2, "16": 0}
+    assert out["auroc_checker_at"] == {"8": None, "16": None}, "no verdicts recorded: no reference"
+    # The reference: the task's checker on the paused text, here already stating the right answer in the
+    # right response only (1.0), then in neither (0.5: the prefix says nothing yet).
+    s[0].right_at, s[1].right_at = {"8": False}, {"8": True}
+    assert summarize(s, (8, 16))["auroc_checker_at"] == {"8": 1.0, "16": None}
+    s[1].right_at = {"8": False}
+    assert summarize(s, (8,))["auroc_checker_at"] == {"8": 0.5}
+    s[1].right_at = {}
+    assert summarize(s, (8,))["auroc_checker_at"] == {"8": None}, "a verdict missing: no reference"
     # win-or-tie targets: prompt a's wrong answer loses to its right one (0), its right one wins (1);
     # prompt b's two wrong answers tie each other (1 each), like a right answer: 1 win + 2 ties of 3 pairs.
     for sample, target in zip(s, (0.0, 1.0, 1.0, 1.0), strict=True):

@@ -68,6 +68,9 @@ class EvalSample:
         p_yes: Raw P("Yes") of the full response.
         p_at: P(win or tie) at each checkpoint the sample was still generating at (token count as a string).
         target: Empirical win-or-tie target among the prompt's samples.
+        right_at: Whether the task's checker already accepts the text at each checkpoint the
+            sample was still generating at: what the prefix itself has said, a reference for
+            ``p_at`` (empty in evaluations cached before it was recorded).
 
     """
 
@@ -80,6 +83,7 @@ class EvalSample:
     p_yes: float
     p_at: dict[str, float] = field(default_factory=dict)
     target: float = 0.0
+    right_at: dict[str, bool] = field(default_factory=dict)
 
 
 def evaluation_tasks(config: SelfEvalEvalConfig) -> tuple[list[Task], list[Task]]:
@@ -188,11 +192,16 @@ def _collect(
                     (task, request_id, engine.submit(fmt.encode(task.messages()), params, request_id=request_id))
                 )
             rows = [r for *_, rs in requests for r in rs]
+            task_of = {r: task for task, _, rs in requests for r in rs}
             at: dict[str, dict[int, dict[str, float]]] = {}
+            right_at: dict[int, dict[str, bool]] = {}
             for k in config.checkpoints:
                 if k >= config.max_new_tokens:
                     break
-                live = [s.row for s in engine.generate(rows, until=k) if not s.finished and s.num_tokens == k]
+                paused = [s for s in engine.generate(rows, until=k) if not s.finished and s.num_tokens == k]
+                live = [s.row for s in paused]
+                for s in paused:
+                    right_at.setdefault(s.row, {})[str(k)] = check(task_of[s.row], s.text)
                 for name, evs in score(live).items():
                     for ev in evs:
                         at.setdefault(name, {}).setdefault(ev.row, {})[str(k)] = ev.p_win_or_tie
@@ -215,6 +224,7 @@ def _collect(
                                 e.p_yes,
                                 at.get(name, {}).get(r, {}),
                                 tgt,
+                                right_at.get(r, {}),
                             )
                         )
         finally:
@@ -283,6 +293,11 @@ def summarize(samples: Sequence[EvalSample], checkpoints: Sequence[int], bins: i
     correctness: what a self-evaluator that predicted the method's target exactly would
     score, the ceiling of ``auroc_full`` for a model trained on that target. Below 1 where
     a prompt's samples are all wrong: each then has target 1, as a right answer does.
+
+    ``auroc_checker_at`` is a reference for ``auroc_at``: the AUROC for correctness of the task's
+    own checker reading the text at each checkpoint (1 if the prefix already states the right
+    answer, else 0), on the same samples. It measures how much of the final answer a prefix of
+    that length has said; ``None`` where the samples did not record it.
     """
     if not samples:
         return {"samples": 0}
@@ -297,6 +312,7 @@ def summarize(samples: Sequence[EvalSample], checkpoints: Sequence[int], bins: i
         "auroc_win_or_tie_target": _r(auroc(t, y)),
         "auroc_at": {},
         "samples_at": {},
+        "auroc_checker_at": {},
         "brier_correct": _r(brier_score(p, y)),
         "ece_correct": _r(expected_calibration_error(p, y, bins)),
         "brier_win_or_tie": _r(brier_score(p, t)),
@@ -310,6 +326,12 @@ def summarize(samples: Sequence[EvalSample], checkpoints: Sequence[int], bins: i
         out["samples_at"][str(k)] = len(have)
         out["auroc_at"][str(k)] = (
             _r(auroc([s.p_at[str(k)] for s in have], [float(s.correct) for s in have])) if have else None
+        )
+        told = [s for s in have if str(k) in s.right_at]
+        out["auroc_checker_at"][str(k)] = (
+            _r(auroc([float(s.right_at[str(k)]) for s in told], [float(s.correct) for s in told]))
+            if told and len(told) == len(have)
+            else None
         )
     return out
 
@@ -516,6 +538,13 @@ def render_table(report: dict[str, Any]) -> str:
                     f"({models[n]['trained']['samples_at'].get(str(k))})"
                     for n in names
                 ],
+            )
+        )
+    for k in checkpoints:
+        rows.append(
+            (
+                f"reference: the task's checker on the text at {k} tokens",
+                [models[n]["trained"].get("auroc_checker_at", {}).get(str(k)) for n in names],
             )
         )
     for key, label in (
