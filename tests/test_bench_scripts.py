@@ -28,6 +28,7 @@ RUNS = {
     "selfeval_floor.py": ["--batch", "2", "--new-tokens", "8", "--repeats", "1", "--adapter", "none"],
     "load_bench.py": ["throughput", "--requests", "2", "--max-tokens", "6", "--repeats", "1", "--adapter", "none"],
     "adapter_bench.py": ["--repeats", "1", "--new-tokens", "4"],
+    "prefix_answers.py": ["--lengths", "8,16"],
 }
 
 
@@ -149,5 +150,9 @@ def test_bench_program_runs_and_writes_json(script: str, tmp_path: Path) -> None
         assert set(result["memory"]) == {"base", "lora", "merged_copy"}
         assert 15 < result["lora_mib"] < 25  # the adapter's own tensors (19.6 MB on disk)
         assert all(t["decode_s"] > 0 and t["selfeval_s"] > 0 for t in result["time"].values())
+    elif script == "prefix_answers.py":  # the committed training data: what its first 8 and 16 tokens have stated
+        assert [r["tokens"] for r in result["rows"]] == [8, 16]
+        assert all(r["stated_if_ends_right"] > 5 * r["stated_if_ends_wrong"] for r in result["rows"])
+        assert 0.5 < result["rows"][0]["auroc_checker"] < result["rows"][1]["auroc_checker"] < 1.0
     else:
         assert result  # the program's own checks (equal tokens, exact P("No")) ran before it wrote
