@@ -7,7 +7,7 @@ it prints, over the samples still generating there, the share of responses that 
 that end wrong) whose prefix the checker already accepts, and the AUROC of that 0/1 verdict for the final
 correctness: what a reader that checked the stated answer perfectly, and knew nothing else, would score.
 
-    python bench/prefix_answers.py                     # the committed training data (269 prompts), ~20 s
+    python bench/prefix_answers.py                     # the committed training data (269 prompts), ~10 s
     python bench/prefix_answers.py runs/data/preferences.jsonl --lengths 8,16,32,64 --out runs/prefix.json
 """
 
