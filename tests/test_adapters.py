@@ -31,6 +31,7 @@ from langchain_capeval.adapters import (
 )
 from langchain_capeval.config import CapEvalConfig
 from langchain_capeval.engines.decoding import answer_probabilities, win_or_tie_probability
+from langchain_capeval.engines.kv_batch import cache_keyword, output_cache
 from langchain_capeval.engines.transformers import TransformersEngine, TransformersEngineConfig
 from langchain_capeval.engines.vllm import VLLMEngine, VLLMEngineConfig
 from langchain_capeval.errors import CapEvalInputError, ModelNotInstalledError, UnsupportedFeatureError
@@ -124,8 +125,8 @@ def test_self_evaluation_scoped_adapter_leaves_generation_the_base_models(engine
     merged = load_model(None, adapter=shipped_adapter_path(PARTIAL_CREDIT_ADAPTER), cache_merged=True).model
     no_id, yes_id = fmt.answer_token_ids
     with torch.inference_mode():
-        base_cache = base(torch.tensor([trunk]), use_cache=True).past_key_values
-        over_base = merged(torch.tensor([pending]), past_key_values=base_cache).logits
+        base_cache = output_cache(base(torch.tensor([trunk]), use_cache=True))
+        over_base = merged(torch.tensor([pending]), **{cache_keyword(merged): base_cache}).logits
         own = merged(torch.tensor([trunk + pending])).logits
     want = win_or_tie_probability(*(float(p[0]) for p in answer_probabilities(over_base[:, -1], no_id, yes_id)))
     other = win_or_tie_probability(*(float(p[0]) for p in answer_probabilities(own[:, -1], no_id, yes_id)))

@@ -487,3 +487,30 @@ def test_a_nucleus_of_vanishing_mass_keeps_the_most_likely_token() -> None:
     for top_p in (5e-324, 1e-45, 1e-9):
         out = sample_next_tokens(logits, torch.full((4,), 0.8), torch.full((4,), top_p), torch.rand(4, generator=g))
         assert out.tolist() == logits.argmax(dim=-1).tolist(), top_p
+
+
+def test_the_kv_cache_goes_by_the_name_the_installed_transformers_takes(
+    engine: TransformersEngine, chat_format: ChatFormat
+) -> None:
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40)."""
+    import warnings
+
+    from langchain_capeval.engines.kv_batch import cache_keyword
+
+    class Before:
+        def forward(self, input_ids: Any = None, past_key_values: Any = None) -> None: ...
+
+    class Since:
+        def forward(self, input_ids: Any = None, cache: Any = None) -> None: ...
+
+    assert (cache_keyword(Before()), cache_keyword(Since())) == ("past_key_values", "cache")
+    import inspect
+
+    assert cache_keyword(engine.model) in inspect.signature(type(engine.model).forward).parameters
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*")
+        rows = engine.submit(encode(chat_format, MATH), [SamplingParams(temperature=0.0, max_new_tokens=6)])
+        engine.generate(rows, until=3)
+        engine.self_evaluate(rows)
+        engine.generate(rows)
+        engine.close_request(engine.sample(rows[0]).request_id)

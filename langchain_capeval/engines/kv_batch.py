@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +59,33 @@ class _BufferLayer(DynamicLayer):
 
     def get_seq_length(self) -> int:
         return self.length
+
+
+_CACHE_KEYWORD: dict[type, str] = {}
+
+
+def cache_keyword(model: Any) -> str:
+    """The keyword a model's ``forward`` takes its KV cache by.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns on every call and goes in
+    5.40); the package supports ``transformers>=5,<6``, so the name is read from the model's own signature.
+    A PEFT model forwards keyword arguments to the model it wraps, whose signature decides.
+
+    Example:
+        >>> out = model(input_ids=ids, **{cache_keyword(model): cache}, use_cache=True)  # doctest: +SKIP
+
+    """
+    owner = type(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    if owner not in _CACHE_KEYWORD:
+        params = inspect.signature(owner.forward).parameters
+        _CACHE_KEYWORD[owner] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_KEYWORD[owner]
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache a forward returned: ``out.cache`` since transformers 5.24, ``out.past_key_values`` before."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def _kv_shape(model: PreTrainedModel) -> tuple[int, int, int]:
@@ -213,7 +241,7 @@ class KVBatch:
             input_ids=input_ids,
             attention_mask=attn,
             position_ids=pos,
-            past_key_values=cache,
+            **{cache_keyword(model): cache},
             use_cache=True,
             logits_to_keep=1,
         )

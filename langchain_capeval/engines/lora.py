@@ -14,7 +14,7 @@ CPU-packed linear layers of :mod:`langchain_capeval.engines.cpu`, which are ``nn
 Example:
     >>> lora = SelfEvaluationLoRA.load(model, "path/to/adapter")  # doctest: +SKIP
     >>> with lora.active():  # doctest: +SKIP
-    ...     logits = model(input_ids=chunk_ids, past_key_values=base_cache).logits
+    ...     logits = model(input_ids=chunk_ids, **{cache_keyword(model): base_cache}).logits
 
 """
 

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from langchain_capeval.adapters import write_adapter_scope
 from langchain_capeval.chat_format import ChatFormat
-from langchain_capeval.engines.kv_batch import left_padded_chunk
+from langchain_capeval.engines.kv_batch import cache_keyword, left_padded_chunk, output_cache
 from langchain_capeval.errors import MissingExtraError
 from langchain_capeval.training.config import SelfEvalTrainingConfig
 from langchain_capeval.training.dataset import PromptRecord, SampleRecord, read_records
@@ -167,17 +167,19 @@ def chunk_answer_logits(model: Any, examples: Sequence[ChunkExample]) -> torch.T
     chunk_ids, chunk_mask = left_padded_chunk([e.chunk for e in examples])
     trunk_mask, chunk_mask = trunk_mask.long(), chunk_mask.long()
     with torch.no_grad(), model.disable_adapter():
-        cache = model(
-            input_ids=trunk_ids,
-            attention_mask=trunk_mask,
-            position_ids=(trunk_mask.cumsum(1) - 1).clamp_min(0),
-            use_cache=True,
-        ).past_key_values
+        cache = output_cache(
+            model(
+                input_ids=trunk_ids,
+                attention_mask=trunk_mask,
+                position_ids=(trunk_mask.cumsum(1) - 1).clamp_min(0),
+                use_cache=True,
+            )
+        )
     out = model(
         input_ids=chunk_ids,
         attention_mask=torch.cat([trunk_mask, chunk_mask], 1),
         position_ids=(trunk_mask.sum(1, keepdim=True) + chunk_mask.cumsum(1) - 1).clamp_min(0),
-        past_key_values=cache,
+        **{cache_keyword(model): cache},
         use_cache=True,
         logits_to_keep=1,
     )
