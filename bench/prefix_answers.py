@@ -21,29 +21,30 @@ from pathlib import Path
 from langchain_capeval.chat_format import ChatFormat
 from langchain_capeval.models import ensure_model_folder
 from langchain_capeval.tasks import Task, check
+from langchain_capeval.training.dataset import PromptRecord, read_records
 from langchain_capeval.training.metrics import auroc
 
 DATA = Path(__file__).parents[1] / "results/training/v5-suffix-lora/data/preferences.jsonl"
 
 
-def prefix_answers(records: list[dict], fmt: ChatFormat, lengths: list[int]) -> list[dict]:
+def prefix_answers(records: list[PromptRecord], fmt: ChatFormat, lengths: list[int]) -> list[dict]:
     """One row per prefix length: samples, share stating the right answer by final outcome, the checker's AUROC."""
+    verdicts: dict[int, list[tuple[bool, bool]]] = {k: [] for k in lengths}  # (ends right, prefix states it)
+    for record in records:
+        task = Task(**record.task)
+        for sample in record.samples:
+            for k in lengths:
+                if len(sample.token_ids) > k:  # still generating at k tokens, as the engine pauses it
+                    verdicts[k].append((sample.is_correct, check(task, fmt.decode(sample.token_ids[:k]))))
     rows = []
     for k in lengths:
-        verdicts: list[tuple[bool, bool]] = []  # (ends right, prefix already states the right answer)
-        for record in records:
-            task = Task(**record["task"])
-            for sample in record["samples"]:
-                if len(sample["token_ids"]) > k:  # still generating at k tokens, as the engine pauses it
-                    right = check(task, sample["text"])
-                    verdicts.append((right, check(task, fmt.decode(sample["token_ids"][:k]))))
-        ends_right = [stated for right, stated in verdicts if right]
-        ends_wrong = [stated for right, stated in verdicts if not right]
-        score = auroc([float(stated) for _, stated in verdicts], [float(right) for right, _ in verdicts])
+        ends_right = [stated for right, stated in verdicts[k] if right]
+        ends_wrong = [stated for right, stated in verdicts[k] if not right]
+        score = auroc([float(stated) for _, stated in verdicts[k]], [float(right) for right, _ in verdicts[k]])
         rows.append(
             {
                 "tokens": k,
-                "samples": len(verdicts),
+                "samples": len(verdicts[k]),
                 "end_right": len(ends_right),
                 "stated_if_ends_right": round(sum(ends_right) / len(ends_right), 4) if ends_right else None,
                 "stated_if_ends_wrong": round(sum(ends_wrong) / len(ends_wrong), 4) if ends_wrong else None,
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     folder, _ = ensure_model_folder(None)
     fmt = ChatFormat(AutoTokenizer.from_pretrained(folder))
-    records = [json.loads(line) for line in Path(args.data).read_text().splitlines() if line]
+    records = read_records(args.data)
     rows = prefix_answers(records, fmt, [int(x) for x in args.lengths.split(",")])
     print(
         "| tokens | samples still generating | of them end right | states the right answer: ends right / ends wrong "
