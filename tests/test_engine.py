@@ -493,6 +493,7 @@ def test_the_kv_cache_goes_by_the_name_the_installed_transformers_takes(
     engine: TransformersEngine, chat_format: ChatFormat
 ) -> None:
     """transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40)."""
+    import inspect
     import warnings
 
     from langchain_capeval.engines.kv_batch import cache_keyword
@@ -504,8 +505,6 @@ def test_the_kv_cache_goes_by_the_name_the_installed_transformers_takes(
         def forward(self, input_ids: Any = None, cache: Any = None) -> None: ...
 
     assert (cache_keyword(Before()), cache_keyword(Since())) == ("past_key_values", "cache")
-    import inspect
-
     assert cache_keyword(engine.model) in inspect.signature(type(engine.model).forward).parameters
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*past_key_values.*")
