@@ -52,9 +52,11 @@ def test_suffix_lora_trains_and_evaluates(tmp_path: Path) -> None:
 def test_suffix_lora_dev_split_scores_held_out_prompts(tmp_path: Path) -> None:
     """``--dev-every``/``--heldout-family``: prompts never trained on, scored as training goes; ``--prefixes``."""
     data = Path(__file__).resolve().parents[1] / "results/training/v2/data/preferences.jsonl"
-    lines = data.read_text().splitlines()[:6]
+    records = [json.loads(line) for line in data.read_text().splitlines()[:6]]
+    for record in records:  # 8 of each prompt's 16 samples: the dev split scores every sample of its prompts
+        record["samples"] = record["samples"][:8]
     small = tmp_path / "preferences.jsonl"
-    small.write_text("\n".join(lines) + "\n")
+    small.write_text("".join(json.dumps(record) + "\n" for record in records))
     adapter = tmp_path / "adapter"
     args = ["train", "--data", str(small), "--out", str(adapter), "--samples-per-prompt", "2"]
     args += ["--epochs", "1", "--learning-rate", "1e-2", "--dev-every", "3", "--eval-every", "1", "--prefixes"]
@@ -64,12 +66,11 @@ def test_suffix_lora_dev_split_scores_held_out_prompts(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = json.loads((adapter / "train_log.json").read_text())
-    records = [json.loads(line) for line in lines]
     trained = [records[i]["samples"][:2] for i in (1, 2, 4)]  # two samples each
     prefixes = sum(len(s["prefix_lengths"]) for samples in trained for s in samples)
     assert prefixes > 0 and log["examples"] == 3 * 2 + prefixes  # each full response and its truncations
     assert log["steps"] == math.ceil(log["examples"] / 16)  # one epoch of 16-sample batches
-    assert log["dev_prompts"] == 3  # prompts 0, 3 and 5, all 16 samples each
+    assert log["dev_prompts"] == 3  # prompts 0, 3 and 5, all 8 samples each
     assert log["dev_families"] == sorted(records[i]["task"]["family"] for i in (0, 3)) == ["add1", "opposites"]
     assert [row["step"] for row in log["dev_log"]] == list(range(log["steps"] + 1))
     for row in log["dev_log"]:

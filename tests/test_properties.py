@@ -113,8 +113,14 @@ def test_same_seed_same_answer_alone_and_under_concurrency(
 ) -> None:
     llm = ChatCapEval(engine=engine, **{**policy, "max_total_tokens": None})
     prompts = [PROMPT, "Name a color.", "What is the capital of Spain?"]
-    alone = [llm.invoke(p, seed=s).content for p, s in zip(prompts, seeds, strict=True)]
+    alone = [llm.invoke(p, seed=s) for p, s in zip(prompts, seeds, strict=True)]
     with ThreadPoolExecutor(3) as pool:
-        together = list(pool.map(lambda ps: llm.invoke(ps[0], seed=ps[1]).content, zip(prompts, seeds, strict=True)))
-    assert together == alone
+        together = list(pool.map(lambda ps: llm.invoke(ps[0], seed=ps[1]), zip(prompts, seeds, strict=True)))
+    for a, b in zip(alone, together, strict=True):
+        assert a.content == b.content
+        sa, sb = a.response_metadata["samples"], b.response_metadata["samples"]
+        # the same tokens and decisions; scores equal up to float rounding (rows batched with other requests')
+        assert [{**s, "p_win_or_tie": None} for s in sa] == [{**s, "p_win_or_tie": None} for s in sb]
+        assert [s["p_win_or_tie"] for s in sa] == pytest.approx([s["p_win_or_tie"] for s in sb], abs=1e-4)
+        assert a.usage_metadata == b.usage_metadata
     assert engine.live_rows == 0

@@ -317,25 +317,24 @@ def test_soft_answer_loss_and_batches() -> None:
 # --- on the real model -------------------------------------------------------------------------
 
 
+def _answer_logits(model: torch.nn.Module, sequences: list[list[int]]) -> list[torch.Tensor]:
+    """The next-token logits after each of ``sequences``: the self-evaluation answer's distribution."""
+    with torch.inference_mode():
+        return [model(input_ids=torch.tensor([seq])).logits[0, -1] for seq in sequences]
+
+
 def _p_win_or_tie(model: torch.nn.Module, sequences: list[list[int]], no_id: int, yes_id: int) -> list[float]:
-    out = []
-    with torch.inference_mode():
-        for seq in sequences:
-            logits = model(input_ids=torch.tensor([seq])).logits[0, -1].double()
-            p = torch.softmax(logits, -1)
-            out.append(float(p[no_id] / (p[no_id] + p[yes_id])))
-    return out
+    return [_p_no(logits, no_id, yes_id) for logits in _answer_logits(model, sequences)]
 
 
-def _worst_answer_rank(model: torch.nn.Module, sequences: list[list[int]], no_id: int, yes_id: int) -> int:
-    """The lowest rank (0 = most likely) either answer takes in the full softmax over ``sequences``."""
-    worst = 0
-    with torch.inference_mode():
-        for seq in sequences:
-            logits = model(input_ids=torch.tensor([seq])).logits[0, -1]
-            for token in (no_id, yes_id):
-                worst = max(worst, int((logits > logits[token]).sum()))
-    return worst
+def _p_no(logits: torch.Tensor, no_id: int, yes_id: int) -> float:
+    p = torch.softmax(logits.double(), -1)
+    return float(p[no_id] / (p[no_id] + p[yes_id]))
+
+
+def _worst_answer_rank(all_logits: list[torch.Tensor], no_id: int, yes_id: int) -> int:
+    """The lowest rank (0 = most likely) either answer takes in the full softmax over ``all_logits``."""
+    return max(int((logits > logits[token]).sum()) for logits in all_logits for token in (no_id, yes_id))
 
 
 def test_packed_sequence_matches_the_engine(engine: TransformersEngine) -> None:
@@ -674,12 +673,14 @@ def test_shipped_adapter_is_a_vllm_valid_lora_and_loads_by_default(engine: Trans
     adapted = TransformersEngine.from_config(TransformersEngineConfig(adapter="default"))
     try:
         assert adapted.model_name.endswith("+selfeval")
-        aurocs = [auroc(_p_win_or_tie(e.model, seqs, no_id, yes_id), right) for e in (engine, adapted)]
+        adapted_logits = _answer_logits(adapted.model, seqs)
+        adapted_p = [_p_no(logits, no_id, yes_id) for logits in adapted_logits]
+        aurocs = [auroc(_p_win_or_tie(engine.model, seqs, no_id, yes_id), right), auroc(adapted_p, right)]
         base_auroc, adapted_auroc = aurocs
         assert base_auroc < 0.5 and adapted_auroc > 0.65, aurocs
         # Trained with the full-vocabulary loss, its two answers are the two most likely tokens: a server's
         # top-k logprobs (k >= 2) hold both (the two-way loss left one outside the top 20 in 11% of cases).
-        assert _worst_answer_rank(adapted.model, seqs, no_id, yes_id) <= 1
+        assert _worst_answer_rank(adapted_logits, no_id, yes_id) <= 1
     finally:
         adapted.close()
 
