@@ -118,6 +118,19 @@ def test_scheduler_runs_commands_in_order_and_fails_only_the_failing_call() -> N
         sched.run(lambda: 0)
 
 
+def test_the_longest_piece_of_work_counts_commands_and_handlers_not_only_steps() -> None:
+    """``max_work_s`` (what a deadline may overrun by) covers prefills and self-evaluations, which are no steps."""
+    sched = StepScheduler(lambda calls: [c.finish(None) for c in calls], name="test-work")
+    sched.decode(DecodeCall(rows=[0]))
+    assert sched.steps == 1 and sched.max_work_s >= sched.max_step_s  # a step is a piece of work too
+    sched.run(lambda: time.sleep(0.1))
+    assert sched.max_work_s >= 0.1 > sched.max_step_s
+    sched.max_work_s = 0.0
+    assert sched.run_batched(lambda items: [time.sleep(0.1) or i for i in items], 7) == 7
+    assert sched.max_work_s >= 0.1 > sched.max_step_s
+    sched.close()
+
+
 # -- shared decode steps ---------------------------------------------------------------------
 
 

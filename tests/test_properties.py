@@ -4,7 +4,8 @@ For generated policies (strategy, batch schedule, thresholds, pruning, budgets):
 
 * samples and tokens never exceed the budget (``max_samples``; ``max_total_tokens`` counts
   generated plus self-evaluation tokens), and no row is left in the engine;
-* a deadline is met within 10% plus one decode step;
+* a deadline is met within 10% plus the engine work in flight when it passes (a prefill or a
+  self-evaluation cannot be interrupted) and one decode step;
 * the same seed gives the same answer alone and under concurrency.
 
 Examples are few and generations short, so the file stays within a couple of minutes.
@@ -82,7 +83,7 @@ def test_samples_and_tokens_never_exceed_the_budget(engine: TransformersEngine, 
     strategy=st.sampled_from(["adaptive", "best_of_n", "adaptive_prune"]),
     samples=st.integers(1, 8),
 )
-def test_deadline_is_met_within_ten_percent_plus_one_decode_step(
+def test_deadline_is_met_within_ten_percent_plus_the_work_in_flight(
     engine: TransformersEngine, deadline_s: float, strategy: str, samples: int
 ) -> None:
     llm = ChatCapEval(
@@ -96,13 +97,15 @@ def test_deadline_is_met_within_ten_percent_plus_one_decode_step(
         deadline_s=deadline_s,
         seed=1,
     )
-    engine.scheduler.max_step_s = 0.0
+    engine.scheduler.max_step_s = engine.scheduler.max_work_s = 0.0
     start = time.monotonic()
     msg = llm.invoke(LONG)
     elapsed = time.monotonic() - start
-    one_step = engine.scheduler.max_step_s
+    # The deadline can pass during a self-evaluation or a new batch's prefill (each as long as several decode
+    # steps); the request then ends after it, or after one more decode step that sees the deadline passed.
+    one_step, one_piece = engine.scheduler.max_step_s, engine.scheduler.max_work_s
     assert msg.response_metadata["stop_reason"] == "deadline"
-    assert elapsed <= 1.1 * deadline_s + one_step, (elapsed, deadline_s, one_step)
+    assert elapsed <= 1.1 * deadline_s + one_piece + one_step, (elapsed, deadline_s, one_piece, one_step)
     assert engine.live_rows == 0
 
 

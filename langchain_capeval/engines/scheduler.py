@@ -99,6 +99,9 @@ class StepScheduler:
         max_calls_per_step: The most decode calls one step has served (> 1 means rows of
             concurrent calls shared a forward pass).
         max_step_s: The longest decode step, in seconds (reset it to measure a window).
+        max_work_s: The longest single piece of work the worker ran, in seconds: a decode step,
+            a command (a prefill, a release) or a batched handler call (prefills, self-evaluations).
+            Work in flight cannot be interrupted, so a deadline is met within this (reset it too).
         max_batched_items: The most items one :meth:`run_batched` handler call has served.
 
     """
@@ -115,6 +118,7 @@ class StepScheduler:
         self.steps = 0
         self.max_calls_per_step = 0
         self.max_step_s = 0.0
+        self.max_work_s = 0.0
         self.max_batched_items = 0
 
     # -- callers' side --------------------------------------------------------------------------
@@ -196,10 +200,12 @@ class StepScheduler:
                 self._batched.clear()
             for command, future in commands:
                 if future.set_running_or_notify_cancel():
+                    start = time.perf_counter()
                     try:
                         future.set_result(command())
                     except BaseException as e:  # re-raised in the caller's thread
                         future.set_exception(e)
+                    self._worked(start)
             self._run_batches(batched)
             with self._cond:
                 self._calls = [c for c in self._calls if not c.done]
@@ -215,6 +221,10 @@ class StepScheduler:
                 for c in calls:
                     c.fail(e)
             self.max_step_s = max(self.max_step_s, time.perf_counter() - start)
+            self._worked(start)
+
+    def _worked(self, start: float) -> None:
+        self.max_work_s = max(self.max_work_s, time.perf_counter() - start)
 
     def _run_batches(self, batched: list[tuple[Callable[[list[Any]], list[Any]], Any, Future[Any]]]) -> None:
         groups: dict[Callable[[list[Any]], list[Any]], list[tuple[Any, Future[Any]]]] = {}
@@ -223,10 +233,12 @@ class StepScheduler:
                 groups.setdefault(handler, []).append((item, future))
         for handler, entries in groups.items():
             self.max_batched_items = max(self.max_batched_items, len(entries))
+            start = time.perf_counter()
             try:
                 results = handler([item for item, _ in entries])
             except BaseException as e:  # the whole batch failed: every caller gets the error
                 results = [e] * len(entries)
+            self._worked(start)
             for (_, future), result in zip(entries, results, strict=True):
                 if isinstance(result, BaseException):
                     future.set_exception(result)
