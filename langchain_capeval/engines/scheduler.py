@@ -101,7 +101,8 @@ class StepScheduler:
         max_step_s: The longest decode step, in seconds (reset it to measure a window).
         max_work_s: The longest single piece of work the worker ran, in seconds: a decode step,
             a command (a prefill, a release) or a batched handler call (prefills, self-evaluations).
-            Work in flight cannot be interrupted, so a deadline is met within this (reset it too).
+            Work in flight cannot be interrupted: a request may end this much after its deadline,
+            plus one decode step that sees the deadline passed (reset it to measure a window).
         max_batched_items: The most items one :meth:`run_batched` handler call has served.
 
     """
