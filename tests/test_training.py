@@ -17,6 +17,7 @@ import torch
 
 from langchain_capeval.adapters import adapter_scope, apply_adapter
 from langchain_capeval.cli import main as capeval_main
+from langchain_capeval.engines.decoding import answer_probabilities, win_or_tie_probability
 from langchain_capeval.engines.transformers import TransformersEngine, TransformersEngineConfig
 from langchain_capeval.models import load_model
 from langchain_capeval.preferences import win_or_tie_targets
@@ -324,12 +325,13 @@ def _answer_logits(model: torch.nn.Module, sequences: list[list[int]]) -> list[t
 
 
 def _p_win_or_tie(model: torch.nn.Module, sequences: list[list[int]], no_id: int, yes_id: int) -> list[float]:
-    return [_p_no(logits, no_id, yes_id) for logits in _answer_logits(model, sequences)]
+    return [_win_or_tie(logits, no_id, yes_id) for logits in _answer_logits(model, sequences)]
 
 
-def _p_no(logits: torch.Tensor, no_id: int, yes_id: int) -> float:
-    p = torch.softmax(logits.double(), -1)
-    return float(p[no_id] / (p[no_id] + p[yes_id]))
+def _win_or_tie(logits: torch.Tensor, no_id: int, yes_id: int) -> float:
+    """P(win or tie) from one self-evaluation's logits, as the engines read it."""
+    p_no, p_yes = answer_probabilities(logits[None], no_id, yes_id)
+    return win_or_tie_probability(float(p_no[0]), float(p_yes[0]))
 
 
 def _worst_answer_rank(all_logits: list[torch.Tensor], no_id: int, yes_id: int) -> int:
@@ -674,7 +676,7 @@ def test_shipped_adapter_is_a_vllm_valid_lora_and_loads_by_default(engine: Trans
     try:
         assert adapted.model_name.endswith("+selfeval")
         adapted_logits = _answer_logits(adapted.model, seqs)
-        adapted_p = [_p_no(logits, no_id, yes_id) for logits in adapted_logits]
+        adapted_p = [_win_or_tie(logits, no_id, yes_id) for logits in adapted_logits]
         aurocs = [auroc(_p_win_or_tie(engine.model, seqs, no_id, yes_id), right), auroc(adapted_p, right)]
         base_auroc, adapted_auroc = aurocs
         assert base_auroc < 0.5 and adapted_auroc > 0.65, aurocs
