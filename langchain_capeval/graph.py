@@ -43,6 +43,7 @@ from langchain_capeval.config import CapEvalConfig
 from langchain_capeval.engines.base import Engine, Sample
 from langchain_capeval.errors import BudgetTooSmallError
 from langchain_capeval.policy import (
+    BatchPlan,
     StopReason,
     best_of_n,
     budget_stop_reason,
@@ -119,6 +120,52 @@ def tokens_spent(state: CapEvalState) -> int:
     """Tokens the request has spent so far: generated plus self-evaluation tokens."""
     u = state.get("usage", {})
     return int(u.get("generated_tokens", 0) + u.get("self_eval_tokens", 0))
+
+
+def next_batch(state: CapEvalState, config: CapEvalConfig, eval_tokens: int) -> BatchPlan:
+    """The batch to draw now: its size, annealed temperatures and token cap.
+
+    :func:`~langchain_capeval.policy.plan_next_batch` on the request's state; only called when the
+    router resamples, which it does only when a batch fits the budget.
+    """
+    plan = plan_next_batch(
+        config,
+        batches_drawn=state["batches_drawn"],
+        samples_drawn=len(state.get("samples", [])),
+        tokens_spent=tokens_spent(state),
+        eval_tokens=eval_tokens,
+    )
+    assert plan is not None, "the router only resamples when a batch fits the budget"
+    return plan
+
+
+def new_sample(index: int, row: int, batch: int, temperature: float) -> SampleRecord:
+    """The record of a sample just submitted: nothing generated, not scored, not pruned."""
+    return SampleRecord(
+        index=index,
+        row=row,
+        batch=batch,
+        temperature=temperature,
+        text="",
+        num_tokens=0,
+        finished=False,
+        finish_reason=None,
+        score=None,
+        scored_at=None,
+        pruned=False,
+    )
+
+
+def pause_checkpoint(records: Sequence[SampleRecord], config: CapEvalConfig) -> int | None:
+    """Where generation pauses for mid-generation self-evaluation: the next pruning checkpoint, or ``None``.
+
+    Pruning strategies pause a batch of two or more at the first checkpoint past the shortest
+    sample's length; a lone sample, or any other strategy, generates to the end.
+    """
+    if config.strategy not in ("prune", "adaptive_prune") or len(records) < 2:
+        return None
+    done = min(r["num_tokens"] for r in records)
+    return next((c for c in config.prune_checkpoints if c > done), None)
 
 
 def best_scored(samples: Sequence[SampleRecord]) -> SampleRecord:
@@ -229,14 +276,7 @@ class CapEvalNodes:
             records = active
         else:
             drawn = len(state.get("samples", []))
-            plan = plan_next_batch(
-                cfg,
-                batches_drawn=state["batches_drawn"],
-                samples_drawn=drawn,
-                tokens_spent=tokens_spent(state),
-                eval_tokens=self.eval_tokens,
-            )
-            assert plan is not None, "the router only resamples when a batch fits the budget"
+            plan = next_batch(state, cfg, self.eval_tokens)
             params = [
                 SamplingParams(
                     temperature=t,
@@ -250,20 +290,7 @@ class CapEvalNodes:
             rows = self.engine.submit(state["prompt_ids"], params, request_id=state["request_id"])
             batch = state["batches_drawn"]
             records = [
-                SampleRecord(
-                    index=drawn + i,
-                    row=r,
-                    batch=batch,
-                    temperature=t,
-                    text="",
-                    num_tokens=0,
-                    finished=False,
-                    finish_reason=None,
-                    score=None,
-                    scored_at=None,
-                    pruned=False,
-                )
-                for i, (r, t) in enumerate(zip(rows, plan.temperatures, strict=True))
+                new_sample(drawn + i, r, batch, t) for i, (r, t) in enumerate(zip(rows, plan.temperatures, strict=True))
             ]
             update["batches_drawn"] = batch + 1
             trace += _emit(
@@ -275,9 +302,7 @@ class CapEvalNodes:
                     "max_new_tokens": plan.max_new_tokens,
                 }
             )
-        prunes = cfg.strategy in ("prune", "adaptive_prune") and len(records) > 1
-        done = min(r["num_tokens"] for r in records)
-        until = next((c for c in cfg.prune_checkpoints if c > done), None) if prunes else None
+        until = pause_checkpoint(records, cfg)
         samples = self.engine.generate([r["row"] for r in records], until=until, deadline=state.get("deadline_at"))
         update["samples"] = [_with_sample(r, s) for r, s in zip(records, samples, strict=True)]
         update["usage"] = self._usage(state)

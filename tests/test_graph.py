@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from langchain_capeval.config import CapEvalConfig
-from langchain_capeval.graph import build_graph, stop_reason
+from langchain_capeval.graph import build_graph, new_sample, pause_checkpoint, stop_reason
 
 QUESTION = [{"role": "user", "content": "What is 3 + 4?"}]
 
@@ -125,6 +125,22 @@ def test_the_threshold_reads_the_score_of_the_copy_accept_returns() -> None:
     assert stop_reason(state, cfg, eval_tokens=28) is None  # the earliest copy, the one returned, is below it
     state["samples"].append(finished(2, "8", 0.7000001))
     assert stop_reason(state, cfg, eval_tokens=28) == "threshold_met"
+
+
+def test_generation_pauses_at_the_next_pruning_checkpoint_past_the_shortest_sample() -> None:
+    def batch(*lengths: int) -> list[Any]:
+        return [{**new_sample(i, i, 0, 0.4), "num_tokens": n} for i, n in enumerate(lengths)]
+
+    prune = CapEvalConfig(strategy="prune", num_samples=4, prune_checkpoints=(8, 32))
+    assert pause_checkpoint(batch(0, 0, 0, 0), prune) == 8
+    assert pause_checkpoint(batch(8, 8, 8), prune) == 32
+    assert pause_checkpoint(batch(32, 9), prune) == 32  # the shortest sample sets the checkpoint
+    assert pause_checkpoint(batch(32, 32), prune) is None  # past the last checkpoint: to the end
+    assert pause_checkpoint(batch(0), prune) is None  # nothing to prune a lone sample against
+    adaptive_prune = prune.model_copy(update={"strategy": "adaptive_prune"})
+    assert pause_checkpoint(batch(0, 0), adaptive_prune) == 8
+    for strategy in ("adaptive", "best_of_n"):
+        assert pause_checkpoint(batch(0, 0), prune.model_copy(update={"strategy": strategy})) is None
 
 
 def test_pruning_keeps_the_earliest_copies_of_one_prefix(engine: Any) -> None:

@@ -5,8 +5,8 @@ with its own seeded random stream, at the temperature :func:`~langchain_capeval.
 gives its position; the recorded pools hold exactly those draws (the fixed pool at T, the
 annealed pool at the annealed temperatures), each with its self-evaluation at every checkpoint
 and at the end. :func:`replay_graph` then walks the graph's state machine over a pool, calling
-the functions the graph calls (:func:`~langchain_capeval.policy.plan_next_batch`,
-:func:`~langchain_capeval.graph.route_after_self_evaluation`,
+the functions the graph calls (:func:`~langchain_capeval.graph.next_batch`,
+:func:`~langchain_capeval.graph.pause_checkpoint`, :func:`~langchain_capeval.graph.route_after_self_evaluation`,
 :func:`~langchain_capeval.graph.stop_reason`, :func:`~langchain_capeval.graph.pruning_survivors`,
 :func:`~langchain_capeval.graph.best_scored`) on the same kind of state, node by node:
 
@@ -53,10 +53,13 @@ from langchain_capeval.graph import (  # the graph's own helpers: the replay mus
     SampleRecord,
     active_samples,
     best_scored,
+    merge_samples,
+    new_sample,
+    next_batch,
+    pause_checkpoint,
     pruning_survivors,
     route_after_self_evaluation,
     stop_reason,
-    tokens_spent,
 )
 from langchain_capeval.policy import best_of_n, plan_next_batch
 
@@ -146,14 +149,6 @@ def _advance(
     return _record(**{**record, **done}), None
 
 
-def _merge(state: CapEvalState, records: Sequence[SampleRecord]) -> list[SampleRecord]:
-    """The graph's ``merge_samples`` reducer: records replace those with their index, new ones are appended."""
-    by_index = {s["index"]: s for s in state.get("samples", [])}
-    for s in records:
-        by_index[s["index"]] = s
-    return [by_index[i] for i in sorted(by_index)]
-
-
 def _generate(
     run: _Replay,
     pool: Sequence[PoolSample],
@@ -170,14 +165,7 @@ def _generate(
         records = active
     else:
         drawn = len(state.get("samples", []))
-        plan = plan_next_batch(
-            policy,
-            batches_drawn=state["batches_drawn"],
-            samples_drawn=drawn,
-            tokens_spent=tokens_spent(state),
-            eval_tokens=eval_tokens,
-        )
-        assert plan is not None, "the router only resamples when a batch fits the budget"
+        plan = next_batch(state, policy, eval_tokens)
         if drawn + plan.size > len(pool):
             raise ValueError(f"the policy draws {drawn + plan.size} samples but the pool holds {len(pool)}")
         for i, t in enumerate(plan.temperatures):
@@ -186,26 +174,9 @@ def _generate(
                     f"pool sample {drawn + i} was drawn at temperature {pool[drawn + i].temperature}, "
                     f"but the policy draws it at {t}: replay it over the matching pool"
                 )
-        records = [
-            _record(
-                index=drawn + i,
-                row=drawn + i,
-                batch=state["batches_drawn"],
-                temperature=t,
-                text="",
-                num_tokens=0,
-                finished=False,
-                finish_reason=None,
-                score=None,
-                scored_at=None,
-                pruned=False,
-            )
-            for i, t in enumerate(plan.temperatures)
-        ]
+        records = [new_sample(drawn + i, drawn + i, state["batches_drawn"], t) for i, t in enumerate(plan.temperatures)]
         state["batches_drawn"] += 1
-    prunes = policy.strategy in ("prune", "adaptive_prune") and len(records) > 1
-    done = min(r["num_tokens"] for r in records)
-    until = next((c for c in policy.prune_checkpoints if c > done), None) if prunes else None
+    until = pause_checkpoint(records, policy)
     advanced = []
     for r in records:
         new, paused = _advance(r, pool[r["index"]], until, checkpoints, max_new_tokens)
@@ -215,7 +186,7 @@ def _generate(
         else:
             run.paused_at[r["index"]] = paused
         advanced.append(new)
-    state["samples"] = _merge(state, advanced)
+    state["samples"] = merge_samples(state.get("samples", []), advanced)
 
 
 def _self_evaluate(run: _Replay, pool: Sequence[PoolSample], eval_tokens: int) -> None:
@@ -231,7 +202,7 @@ def _self_evaluate(run: _Replay, pool: Sequence[PoolSample], eval_tokens: int) -
             score, cost = sample.p_at[run.paused_at[s["index"]]], eval_tokens
         state["usage"]["self_eval_tokens"] += cost
         scored.append(_record(**{**s, "score": score, "scored_at": s["num_tokens"]}))
-    state["samples"] = _merge(state, scored)
+    state["samples"] = merge_samples(state["samples"], scored)
 
 
 def _prune(run: _Replay, policy: CapEvalConfig) -> None:
@@ -239,7 +210,7 @@ def _prune(run: _Replay, policy: CapEvalConfig) -> None:
     active = active_samples(run.state)
     keep = pruning_survivors(active, policy.keep_ratio)
     dropped = [_record(**{**s, "pruned": True}) for i, s in enumerate(active) if i not in keep]
-    run.state["samples"] = _merge(run.state, dropped)
+    run.state["samples"] = merge_samples(run.state["samples"], dropped)
 
 
 def replay_graph(
