@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from langchain_core.messages import AIMessageChunk
 
 from langchain_capeval.chat_format import ChatFormat
 from langchain_capeval.chat_models import shared_engine
@@ -61,3 +63,28 @@ def built_data_folder(tmp_path: Path) -> Callable[[int], Path]:
         return folder
 
     return make
+
+
+@pytest.fixture
+def stream_graph() -> Callable[..., tuple[str, list[dict[str, Any]], dict[str, Any]]]:
+    """A function: stream a compiled LangGraph app with the ``messages``, ``custom`` and ``values`` modes.
+
+    ``stream_graph(app, inputs, config=None)`` returns the text of every ``AIMessageChunk`` the
+    ``messages`` mode streamed, joined; the ``custom`` events (``capeval_progress``), in order; and the
+    final state.
+    """
+
+    def stream(app: Any, inputs: Any, config: Any = None) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
+        streamed, progress, final = [], [], None
+        for mode, chunk in app.stream(inputs, stream_mode=["messages", "custom", "values"], config=config):
+            if mode == "messages":
+                if isinstance(chunk[0], AIMessageChunk):
+                    streamed.append(str(chunk[0].content))
+            elif mode == "custom":
+                progress.append(chunk)
+            else:
+                final = chunk
+        assert final is not None, "the graph streamed no state"
+        return "".join(streamed), progress, final
+
+    return stream

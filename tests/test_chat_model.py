@@ -116,7 +116,7 @@ def test_progress_events_reach_langchain_callbacks(llm: ChatCapEval) -> None:
     assert [e["event"] for e in asyncio.run(go())] == expected
 
 
-def test_inside_an_outer_graph_only_the_accepted_answer_streams(llm: ChatCapEval) -> None:
+def test_inside_an_outer_graph_only_the_accepted_answer_streams(llm: ChatCapEval, stream_graph: Any) -> None:
     from langgraph.graph import END, START, StateGraph
 
     class State(TypedDict):
@@ -130,19 +130,8 @@ def test_inside_an_outer_graph_only_the_accepted_answer_streams(llm: ChatCapEval
     g.add_edge(START, "answer")
     g.add_edge("answer", END)
     app = g.compile()
-    tokens, progress, final = [], [], None
-    for mode, chunk in app.stream(
-        {"messages": [HumanMessage("Name an animal.")]}, stream_mode=["messages", "custom", "values"]
-    ):
-        if mode == "messages":
-            tokens.append(chunk[0])
-        elif mode == "custom":
-            progress.append(chunk)
-        else:
-            final = chunk
-    assert final is not None
+    streamed, progress, final = stream_graph(app, {"messages": [HumanMessage("Name an animal.")]})
     answer_msg = final["messages"][-1]
-    streamed = "".join(str(t.content) for t in tokens if isinstance(t, AIMessageChunk))
     assert streamed == answer_msg.content
     others = [
         s

@@ -14,7 +14,7 @@ from typing import Any
 from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
-from langchain_core.messages import AIMessageChunk, HumanMessage
+from langchain_core.messages import HumanMessage
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 STOP_REASONS = {"threshold_met", "best_of_n", "max_samples", "max_total_tokens", "deadline", "schedule_done"}
@@ -155,27 +155,16 @@ class SampleTexts(BaseCallbackHandler):
                     self.texts[s["index"]] = s["text"]
 
 
-def test_agent_graph_never_streams_a_rejected_sample(engine: Any) -> None:
+def test_agent_graph_never_streams_a_rejected_sample(engine: Any, stream_graph: Any) -> None:
     from langchain_capeval import ChatCapEval
 
     example = load_example("agent_graph")
     agent = example.build_agent(ChatCapEval(engine=engine, max_new_tokens=16, seed=11))
     handler = SampleTexts()
-    tokens, progress, final = [], [], None
-    for mode, chunk in agent.stream(
-        {"messages": [HumanMessage("What is 7 + 5?")]},
-        stream_mode=["messages", "custom", "values"],
-        config={"callbacks": [handler]},
-    ):
-        if mode == "messages":
-            tokens.append(chunk[0])
-        elif mode == "custom":
-            progress.append(chunk)
-        else:
-            final = chunk
-    assert final is not None
+    streamed, progress, final = stream_graph(
+        agent, {"messages": [HumanMessage("What is 7 + 5?")]}, config={"callbacks": [handler]}
+    )
     answer = final["messages"][-1]
-    streamed = "".join(str(t.content) for t in tokens if isinstance(t, AIMessageChunk))
     assert streamed == answer.content
     accepted = answer.response_metadata["accepted_sample"]
     assert sorted(handler.texts) == [0, 1, 2] and handler.texts[accepted] == answer.content
