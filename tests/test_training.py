@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from langchain_capeval.adapters import adapter_scope, apply_adapter
 from langchain_capeval.cli import main as capeval_main
@@ -473,6 +474,7 @@ def test_end_to_end_tiny_pipeline(engine: TransformersEngine, tmp_path: Path) ->
         regularizer_weight=0.1,
         log_every=1,
         save_every=2,
+        keep_checkpoints=True,
     )
     loaded = load_model(None)
     layer = loaded.model.model.layers[29].self_attn.q_proj
@@ -490,6 +492,13 @@ def test_end_to_end_tiny_pipeline(engine: TransformersEngine, tmp_path: Path) ->
     trainer.config = config.model_copy(update={"regularizer": "kl"})
     _, parts = trainer.compute_loss(batch)
     assert parts["regularizer"] > 0  # the trained LoRA moved the response-token distribution
+    # steps 2 and 4 were kept as checkpoints beside the latest save; each a loadable adapter, the two apart
+    kept = sorted(p.name for p in (tmp_path / "adapter").glob("checkpoint-*"))
+    assert kept == ["checkpoint-2", "checkpoint-4"], kept
+    step_weights = [load_file(str(tmp_path / "adapter" / k / "adapter_model.safetensors")) for k in kept]
+    assert step_weights[0].keys() == step_weights[1].keys()
+    assert any(not torch.equal(step_weights[0][k], step_weights[1][k]) for k in step_weights[0])
+    assert json.loads((tmp_path / "adapter" / "checkpoint-4" / "train_log.json").read_text())["steps"] == 4
     saved = trainer.save()
     assert (saved / "adapter_model.safetensors").is_file()
     adapter_config = json.loads((saved / "adapter_config.json").read_text())
@@ -631,6 +640,8 @@ def test_configs_validate() -> None:
         SelfEvalEvalConfig(heldout_family="add1")
     with pytest.raises(ValueError, match="extra"):
         SelfEvalTrainingConfig(lr=1.0)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="keep_checkpoints: give save_every"):
+        SelfEvalTrainingConfig(keep_checkpoints=True)
 
 
 # -- the shipped adapter --------------------------------------------------------------------------

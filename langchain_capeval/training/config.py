@@ -235,6 +235,11 @@ class SelfEvalTrainingConfig(_Config):
     save_every: int | None = Field(default=None, ge=1)
     """Also save the adapter to ``output_dir`` every this many steps (a run cut short keeps its last save)."""
 
+    keep_checkpoints: bool = False
+    """With ``save_every``, also keep each of those saves in ``output_dir/checkpoint-{step}`` (a full adapter
+    folder each; ``output_dir`` itself holds the latest), so that a step can be chosen afterwards by
+    ``capeval eval-selfeval --adapter OUTPUT_DIR/checkpoint-STEP`` on held-out prompts."""
+
     log_every: int = Field(default=10, ge=1)
     """Log the running losses every this many steps."""
 
@@ -245,6 +250,8 @@ class SelfEvalTrainingConfig(_Config):
     def _modules(self) -> SelfEvalTrainingConfig:
         if not self.target_modules:
             raise ValueError("target_modules: give at least one module name")
+        if self.keep_checkpoints and not self.save_every:
+            raise ValueError("keep_checkpoints: give save_every too (the steps at which checkpoints are kept)")
         return self
 
     @model_validator(mode="before")

@@ -474,6 +474,8 @@ class SelfEvalTrainer:
                 if cfg.save_every and step % cfg.save_every == 0 and step < total:
                     self.result = TrainResult(step, len(self.examples), time.perf_counter() - start, history)
                     self.save()
+                    if cfg.keep_checkpoints:
+                        self.save(str(Path(cfg.output_dir) / f"checkpoint-{step}"))
         bar.close()
         self.model.eval()
         self.result = TrainResult(step, len(self.examples), time.perf_counter() - start, history)
