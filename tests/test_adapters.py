@@ -142,6 +142,7 @@ def test_eval_selfeval_runs_a_scoped_adapter_as_the_engine_does(tmp_path: Path) 
         collect_self_evaluations,
         evaluate_self_evaluation,
         evaluation_tasks,
+        render_table,
     )
 
     cfg = SelfEvalEvalConfig(
@@ -167,6 +168,10 @@ def test_eval_selfeval_runs_a_scoped_adapter_as_the_engine_does(tmp_path: Path) 
     assert any(r["right_at"] for r in rows)
     pairs = zip(by_model["base"], by_model["adapted"], strict=True)
     assert any(abs(a["p_full"] - b["p_full"]) > 0.05 for a, b in pairs), "the adapter self-evaluates"
+    # Generation is the base model's: pass@1 is unchanged on the trained and on the held-out family alike.
+    assert set(report["pass_at_1_adapted_minus_base"]) == {"trained", "all", "heldout"}
+    assert all(d["difference"] == 0.0 for d in report["pass_at_1_adapted_minus_base"].values())
+    assert "pass@1 adapted - base (held-out family): +0.0000" in render_table(report)
     # One decoding pass scored both; the base model's scores are those of a pass of its own.
     assert set(report["seconds"]) == {"base+adapted"}
     plain = TransformersEngineConfig(

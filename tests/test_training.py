@@ -35,7 +35,13 @@ from langchain_capeval.training.dataset import (
     label_samples,
     read_records,
 )
-from langchain_capeval.training.evaluate import EvalSample, best_of_n, collect_self_evaluations, summarize
+from langchain_capeval.training.evaluate import (
+    EvalSample,
+    best_of_n,
+    collect_self_evaluations,
+    pass_at_1_difference,
+    summarize,
+)
 from langchain_capeval.training.examples import (
     ChunkExample,
     collate,
@@ -250,6 +256,26 @@ def test_best_of_n_and_summary() -> None:
     for sample, target in zip(s, (0.0, 1.0, 1.0, 1.0), strict=True):
         sample.target = target
     assert summarize(s, ())["auroc_win_or_tie_target"] == pytest.approx(2 / 3, abs=1e-4)
+
+
+def test_pass_at_1_difference_is_paired_over_prompts() -> None:
+    """Adapted minus base pass@1 per prompt, averaged; the bootstrap interval resamples prompts."""
+
+    def samples(rights: dict[str, list[bool]]) -> list[EvalSample]:
+        return [EvalSample(t, "f", r, 4, 0.5, 0.5, 0.5) for t, rs in rights.items() for r in rs]
+
+    base = samples({"a": [True, True], "b": [True, False], "c": [False, False], "d": [True, True]})
+    same = pass_at_1_difference(base, base)
+    assert same == {"difference": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    # One right answer fewer on every prompt where there was one to lose: -0.5, -0.5, 0, -0.5 -> -0.375.
+    worse = samples({"a": [True, False], "b": [False, False], "c": [False, False], "d": [False, True]})
+    d = pass_at_1_difference(base, worse)
+    assert d["difference"] == -0.375
+    # Three of four prompts lost 0.5: a resample of only those (p = 0.32) is the low end; all four
+    # resampled from the one unchanged prompt (p = 0.004) is too rare to reach the high end.
+    assert d["ci_low"] == -0.5 and d["difference"] < d["ci_high"] < 0.0
+    # Prompts only one side scored are left out (the pairing is by prompt).
+    assert pass_at_1_difference(base, worse[:2])["difference"] == -0.5
 
 
 # --- targets, prefixes, packing ----------------------------------------------------------------
