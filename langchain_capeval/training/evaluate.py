@@ -486,37 +486,39 @@ def evaluate_self_evaluation(config: SelfEvalEvalConfig, *, progress: bool = Tru
         "seconds": seconds,
         "models": {},
     }
+    # Each model's samples split once: the trained families' prompts and the held-out family's.
+    parts = {
+        name: {
+            "trained": [s for s in samples if s.task_id not in heldout],
+            "heldout": [s for s in samples if s.task_id in heldout],
+        }
+        for name, samples in raw.items()
+    }
     for name, samples in raw.items():
-        trained = [s for s in samples if s.task_id not in heldout]
-        held = [s for s in samples if s.task_id in heldout]
         report["models"][name] = {
-            "trained": summarize(trained, config.checkpoints, config.bins),
-            "heldout": summarize(held, config.checkpoints, config.bins),
+            "trained": summarize(parts[name]["trained"], config.checkpoints, config.bins),
+            "heldout": summarize(parts[name]["heldout"], config.checkpoints, config.bins),
             "per_family": {
                 fam: summarize([s for s in samples if s.family == fam], (), config.bins)
                 for fam in sorted({s.family for s in samples})
             },
         }
     if "adapted" in raw:
+        base, adapted = parts["base"], parts["adapted"]
         report["pass_at_1_adapted_minus_base"] = {
-            "trained": pass_at_1_difference(
-                [s for s in raw["base"] if s.task_id not in heldout],
-                [s for s in raw["adapted"] if s.task_id not in heldout],
-            ),
+            "trained": pass_at_1_difference(base["trained"], adapted["trained"]),
             "all": pass_at_1_difference(raw["base"], raw["adapted"]),
         }
         if heldout:
             # A family the adapter never saw: where an every-token adapter can change generation unseen.
             report["pass_at_1_adapted_minus_base"]["heldout"] = pass_at_1_difference(
-                [s for s in raw["base"] if s.task_id in heldout],
-                [s for s in raw["adapted"] if s.task_id in heldout],
+                base["heldout"], adapted["heldout"]
             )
     (out / "selfeval_eval.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "selfeval_samples.jsonl").write_text(
         "".join(json.dumps({"model": n, **asdict(s)}) + "\n" for n, ss in raw.items() for s in ss)
     )
-    trained_only = {n: [s for s in ss if s.task_id not in heldout] for n, ss in raw.items()}
-    plot_reliability(trained_only, out / "reliability.png", config.bins)
+    plot_reliability({n: p["trained"] for n, p in parts.items()}, out / "reliability.png", config.bins)
     return report
 
 
