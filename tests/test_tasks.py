@@ -44,7 +44,19 @@ def test_task_messages_and_validation() -> None:
 
 
 def test_registry_has_the_families() -> None:
-    expected = {"add1", "add2", "sub1", "next_number", "compare", "capitals", "opposites", "colors", "animal_legs"}
+    expected = {
+        "add1",
+        "add2",
+        "sub1",
+        "mul1",
+        "next_number",
+        "compare",
+        "capitals",
+        "opposites",
+        "colors",
+        "animal_legs",
+    }
+    expected |= {"languages", "continents", "plurals"}
     assert set(FAMILIES) == expected
     for name, fam in FAMILIES.items():
         tasks = [fam.task(i) for i in range(min(fam.size, 200))]
@@ -69,6 +81,11 @@ def test_arithmetic_answers_are_right() -> None:
             assert sym in "+-"
             assert int(t.answer) == op(int(a), int(b)) >= 0
     assert all(1 <= int(a) <= 9 for t in map(FAMILIES["add1"].task, range(81)) for a in t.id[5:].split("+"))
+    products = [FAMILIES["mul1"].task(i) for i in range(FAMILIES["mul1"].size)]
+    for t in products:
+        a, b = (int(x) for x in t.prompt.removeprefix("What is ").removesuffix("?").split(" times "))
+        assert 2 <= a <= 9 and 2 <= b <= 9 and int(t.answer) == a * b
+    assert len({(t.prompt, t.answer) for t in products}) == 64
     cmp_ = FAMILIES["compare"]
     for i in range(0, cmp_.size, 97):
         t = cmp_.task(i)
@@ -102,10 +119,14 @@ def test_split_sizes_per_family() -> None:
         "opposites": (40, 10, 10),
         "colors": (37, 8, 8),
         "animal_legs": (36, 8, 8),
+        "mul1": (40, 10, 10),
+        "languages": (37, 8, 8),
+        "continents": (36, 9, 9),
+        "plurals": (37, 8, 8),
     }
     got = {f: tuple(len(s.by_family(split).get(f, [])) for split in ("train", "dev", "test")) for f in FAMILIES}
     assert got == expected
-    assert s.sizes() == {"train": 350, "dev": 85, "test": 85}
+    assert s.sizes() == {"train": 500, "dev": 120, "test": 120}
 
 
 def test_build_suite_families_and_errors() -> None:
@@ -141,6 +162,28 @@ def test_fact_distractors_exclude_own_answer_and_prompt_words() -> None:
     assert "soft" not in loud.distractors and "quiet" not in loud.distractors
     usa = task_of("capitals", "united-states")
     assert "Washington" in usa.aliases and "Paris" in usa.distractors
+
+
+@pytest.mark.parametrize(
+    ("family", "key", "response", "ok"),
+    [
+        ("continents", "ireland", "Ireland is a European country located in the North Atlantic.", True),
+        ("continents", "kenya", "Kenya is in East Africa.", True),
+        ("continents", "kenya", "Kenya is an Asian country.", False),
+        ("continents", "brazil", "Brazil is in South America.", True),
+        ("continents", "brazil", "Brazil is in North America.", False),
+        ("languages", "china", "Most people in China speak Mandarin.", True),
+        ("languages", "brazil", "The official language of Brazil is Portuguese.", True),
+        ("languages", "brazil", "People in Brazil speak Spanish.", False),
+        ("plurals", "mouse", 'The plural of "mouse" is "mice".', True),
+        ("plurals", "mouse", 'The plural of "mouse" is "mouses".', False),
+        ("plurals", "cactus", "Both cacti and cactuses are used.", True),
+        ("mul1", "6x7", "6 times 7 is 42.", True),
+        ("mul1", "6x7", "6 times 7 is 36.", False),
+    ],
+)
+def test_added_families_check_their_answers(family: str, key: str, response: str, ok: bool) -> None:
+    assert check(task_of(family, key), response) is ok
 
 
 # --- answer checking: numbers ------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """A seeded synthetic task suite sized to a very small chat model.
 
-Nine families of short questions that a 135M-parameter model answers sometimes
+Thirteen families of short questions that a 135M-parameter model answers sometimes
 but not always, so on-policy samples of one prompt differ in quality (the
 material of win-or-tie preferences) and some prompts are out of reach (where a
 capability-aware model should stop sampling). Everything is generated from
@@ -12,17 +12,21 @@ family        pool   example prompt                              kind
 add1             81  What is 3 + 5?                              number
 add2           8100  What is 37 + 52?                            number
 sub1             55  What is 7 - 3?                              number
+mul1             64  What is 6 times 7?                          number
 next_number     990  What number comes after 41?                 number
 compare        8010  Which is larger, 37 or 52?                  larger
 capitals         64  What is the capital of France?              fact
 opposites        64  What is the opposite of "hot"?              fact
 colors           53  What color is a banana?                     fact
 animal_legs      52  How many legs does a spider have?           fact
+languages        53  What language is spoken in Brazil?          fact
+continents       54  On which continent is Kenya?                fact
+plurals          53  What is the plural of "mouse"?              fact
 ============  =====  ==========================================  =======
 
 :func:`build_suite` draws ``n = min(n_per_family, pool)`` distinct tasks per family
 with a seeded generator and splits them into test and dev of ``n // 6`` tasks each
-and train of the rest (60 tasks: 40/10/10; 55: 37/9/9; 53: 37/8/8; 52: 36/8/8).
+and train of the rest (60 tasks: 40/10/10; 55: 37/9/9; 54: 36/9/9; 53: 37/8/8; 52: 36/8/8).
 A task belongs to one split only, so no prompt is in two splits.
 
 Example:
@@ -323,6 +327,184 @@ _LEG_WORDS: dict[int, tuple[str, ...]] = {
 }
 
 
+_LANGUAGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("France", "French", ()),
+    ("Germany", "German", ()),
+    ("Spain", "Spanish", ()),
+    ("Italy", "Italian", ()),
+    ("Portugal", "Portuguese", ()),
+    ("Brazil", "Portuguese", ()),
+    ("Mexico", "Spanish", ()),
+    ("Argentina", "Spanish", ()),
+    ("Colombia", "Spanish", ()),
+    ("Peru", "Spanish", ()),
+    ("Chile", "Spanish", ()),
+    ("Cuba", "Spanish", ()),
+    ("Japan", "Japanese", ()),
+    ("China", "Chinese", ("Mandarin",)),
+    ("South Korea", "Korean", ()),
+    ("Vietnam", "Vietnamese", ()),
+    ("Thailand", "Thai", ()),
+    ("Russia", "Russian", ()),
+    ("Ukraine", "Ukrainian", ()),
+    ("Poland", "Polish", ()),
+    ("the Czech Republic", "Czech", ()),
+    ("Slovakia", "Slovak", ("Slovakian",)),
+    ("Hungary", "Hungarian", ()),
+    ("Romania", "Romanian", ()),
+    ("Bulgaria", "Bulgarian", ()),
+    ("Greece", "Greek", ()),
+    ("Turkey", "Turkish", ()),
+    ("Sweden", "Swedish", ()),
+    ("Norway", "Norwegian", ()),
+    ("Denmark", "Danish", ()),
+    ("Finland", "Finnish", ()),
+    ("Iceland", "Icelandic", ()),
+    ("the Netherlands", "Dutch", ()),
+    ("Austria", "German", ()),
+    ("Croatia", "Croatian", ()),
+    ("Serbia", "Serbian", ()),
+    ("Slovenia", "Slovenian", ("Slovene",)),
+    ("Lithuania", "Lithuanian", ()),
+    ("Latvia", "Latvian", ()),
+    ("Estonia", "Estonian", ()),
+    ("Albania", "Albanian", ()),
+    ("Armenia", "Armenian", ()),
+    ("Mongolia", "Mongolian", ()),
+    ("Iran", "Persian", ("Farsi",)),
+    ("Egypt", "Arabic", ()),
+    ("Saudi Arabia", "Arabic", ()),
+    ("Morocco", "Arabic", ()),
+    ("Israel", "Hebrew", ()),
+    ("Indonesia", "Indonesian", ()),
+    ("Malaysia", "Malay", ("Malaysian",)),
+    ("Pakistan", "Urdu", ()),
+    ("Bangladesh", "Bengali", ("Bangla",)),
+    ("Ethiopia", "Amharic", ()),
+)
+
+_CONTINENTS: tuple[tuple[str, str], ...] = (
+    ("France", "Europe"),
+    ("Germany", "Europe"),
+    ("Italy", "Europe"),
+    ("Spain", "Europe"),
+    ("Poland", "Europe"),
+    ("Sweden", "Europe"),
+    ("Greece", "Europe"),
+    ("Portugal", "Europe"),
+    ("Norway", "Europe"),
+    ("Hungary", "Europe"),
+    ("Ireland", "Europe"),
+    ("Belgium", "Europe"),
+    ("Kenya", "Africa"),
+    ("Nigeria", "Africa"),
+    ("Ghana", "Africa"),
+    ("Ethiopia", "Africa"),
+    ("Morocco", "Africa"),
+    ("South Africa", "Africa"),
+    ("Senegal", "Africa"),
+    ("Tanzania", "Africa"),
+    ("Uganda", "Africa"),
+    ("Zimbabwe", "Africa"),
+    ("Algeria", "Africa"),
+    ("Angola", "Africa"),
+    ("Japan", "Asia"),
+    ("China", "Asia"),
+    ("India", "Asia"),
+    ("Thailand", "Asia"),
+    ("Vietnam", "Asia"),
+    ("Indonesia", "Asia"),
+    ("Pakistan", "Asia"),
+    ("Mongolia", "Asia"),
+    ("Nepal", "Asia"),
+    ("South Korea", "Asia"),
+    ("the Philippines", "Asia"),
+    ("Malaysia", "Asia"),
+    ("Canada", "North America"),
+    ("Mexico", "North America"),
+    ("the United States", "North America"),
+    ("Guatemala", "North America"),
+    ("Cuba", "North America"),
+    ("Honduras", "North America"),
+    ("Panama", "North America"),
+    ("Jamaica", "North America"),
+    ("Brazil", "South America"),
+    ("Argentina", "South America"),
+    ("Peru", "South America"),
+    ("Chile", "South America"),
+    ("Colombia", "South America"),
+    ("Venezuela", "South America"),
+    ("Bolivia", "South America"),
+    ("Ecuador", "South America"),
+    ("Uruguay", "South America"),
+    ("Paraguay", "South America"),
+)
+
+_CONTINENT_ADJECTIVES: dict[str, tuple[str, ...]] = {
+    "Europe": ("European",),
+    "Africa": ("African",),
+    "Asia": ("Asian",),
+    "North America": ("North American",),
+    "South America": ("South American",),
+}
+
+_PLURALS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("mouse", "mice", ()),
+    ("goose", "geese", ()),
+    ("man", "men", ()),
+    ("woman", "women", ()),
+    ("tooth", "teeth", ()),
+    ("foot", "feet", ()),
+    ("ox", "oxen", ()),
+    ("louse", "lice", ()),
+    ("cactus", "cacti", ("cactuses",)),
+    ("fungus", "fungi", ("funguses",)),
+    ("nucleus", "nuclei", ()),
+    ("radius", "radii", ()),
+    ("crisis", "crises", ()),
+    ("analysis", "analyses", ()),
+    ("thesis", "theses", ()),
+    ("phenomenon", "phenomena", ()),
+    ("criterion", "criteria", ()),
+    ("leaf", "leaves", ()),
+    ("knife", "knives", ()),
+    ("wife", "wives", ()),
+    ("wolf", "wolves", ()),
+    ("half", "halves", ()),
+    ("loaf", "loaves", ()),
+    ("shelf", "shelves", ()),
+    ("calf", "calves", ()),
+    ("thief", "thieves", ()),
+    ("potato", "potatoes", ()),
+    ("tomato", "tomatoes", ()),
+    ("hero", "heroes", ()),
+    ("echo", "echoes", ()),
+    ("volcano", "volcanoes", ("volcanos",)),
+    ("city", "cities", ()),
+    ("baby", "babies", ()),
+    ("party", "parties", ()),
+    ("story", "stories", ()),
+    ("lady", "ladies", ()),
+    ("cherry", "cherries", ()),
+    ("box", "boxes", ()),
+    ("fox", "foxes", ()),
+    ("bus", "buses", ("busses",)),
+    ("church", "churches", ()),
+    ("dish", "dishes", ()),
+    ("glass", "glasses", ()),
+    ("watch", "watches", ()),
+    ("brush", "brushes", ()),
+    ("kiss", "kisses", ()),
+    ("die", "dice", ()),
+    ("index", "indices", ("indexes",)),
+    ("matrix", "matrices", ("matrixes",)),
+    ("appendix", "appendices", ("appendixes",)),
+    ("bacterium", "bacteria", ()),
+    ("medium", "media", ("mediums",)),
+    ("alumnus", "alumni", ()),
+)
+
+
 # --- building families -----------------------------------------------------------------
 
 
@@ -383,6 +565,13 @@ def _sub1(index: int) -> Task:
     return Task(id=f"sub1/{a}-{b}", family="sub1", prompt=f"What is {a} - {b}?", answer=str(a - b))
 
 
+def _mul1(index: int) -> Task:
+    """Build ``a x b`` for one-digit ``a, b`` in 2..9."""
+    a, b = divmod(index, 8)
+    a, b = a + 2, b + 2
+    return Task(id=f"mul1/{a}x{b}", family="mul1", prompt=f"What is {a} times {b}?", answer=str(a * b))
+
+
 def _next_number(index: int) -> Task:
     """Build "what comes after ``n``" for ``n`` in 10..999."""
     n = index + 10
@@ -408,6 +597,7 @@ FAMILIES: dict[str, TaskFamily] = {
     "add1": TaskFamily("add1", "One-digit addition.", 81, _add1),
     "add2": TaskFamily("add2", "Two-digit addition.", 90 * 90, _add2),
     "sub1": TaskFamily("sub1", "One-digit subtraction with a non-negative result.", len(_SUB1_PAIRS), _sub1),
+    "mul1": TaskFamily("mul1", "One-digit multiplication.", 64, _mul1),
     "next_number": TaskFamily("next_number", "The number after a two- or three-digit number.", 990, _next_number),
     "compare": TaskFamily("compare", "The larger of two two-digit numbers.", 90 * 89, _compare),
     "capitals": _fact_family(
@@ -429,6 +619,21 @@ FAMILIES: dict[str, TaskFamily] = {
         "animal_legs",
         "How many legs an animal has.",
         [(_slug(a), f"How many legs does {a} have?", str(n), _LEG_WORDS[n]) for a, n in _LEGS],
+    ),
+    "languages": _fact_family(
+        "languages",
+        "The main language of a country.",
+        [(_slug(c), f"What language is spoken in {c}?", lang, al) for c, lang, al in _LANGUAGES],
+    ),
+    "continents": _fact_family(
+        "continents",
+        "The continent a country is in.",
+        [(_slug(c), f"On which continent is {c}?", cont, _CONTINENT_ADJECTIVES[cont]) for c, cont in _CONTINENTS],
+    ),
+    "plurals": _fact_family(
+        "plurals",
+        "The plural of an English noun.",
+        [(_slug(w), f'What is the plural of "{w}"?', p, al) for w, p, al in _PLURALS],
     ),
 }
 """The registry of synthetic families, by name."""

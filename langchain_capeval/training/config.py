@@ -38,8 +38,13 @@ from langchain_capeval.tasks.synthetic import FAMILIES
 HELDOUT_FAMILY = "colors"
 """The synthetic family left out of training entirely, to measure generalisation."""
 
-TRAIN_FAMILIES: tuple[str, ...] = tuple(f for f in FAMILIES if f != HELDOUT_FAMILY)
-"""The synthetic families the shipped adapter is trained on."""
+TRAIN_FAMILIES: tuple[str, ...] = ("add1", "sub1", "capitals", "opposites", "animal_legs", "compare")
+"""The synthetic families the shipped adapter is trained on, and evaluated on by default.
+
+The other families of the suite are opt in (``families=``): two-digit addition and the next
+number are out of the embedded model's reach (docs/training.md section 22), and the four added
+later are measured in section 23.
+"""
 
 LLAMA_LORA_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """Attention and MLP projections of a Llama-style model: the LoRA targets vLLM accepts."""
