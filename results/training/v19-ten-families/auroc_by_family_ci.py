@@ -10,7 +10,7 @@ from collections import defaultdict
 
 from langchain_capeval.training.metrics import auroc
 
-rows = [json.loads(l) for l in open(sys.argv[1]) if '"adapted"' in l]
+rows = [json.loads(line) for line in open(sys.argv[1])]
 rows = [r for r in rows if r["model"] == "adapted"]
 fams = defaultdict(lambda: defaultdict(list))
 for r in rows:
