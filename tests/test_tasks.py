@@ -164,28 +164,6 @@ def test_fact_distractors_exclude_own_answer_and_prompt_words() -> None:
     assert "Washington" in usa.aliases and "Paris" in usa.distractors
 
 
-@pytest.mark.parametrize(
-    ("family", "key", "response", "ok"),
-    [
-        ("continents", "ireland", "Ireland is a European country located in the North Atlantic.", True),
-        ("continents", "kenya", "Kenya is in East Africa.", True),
-        ("continents", "kenya", "Kenya is an Asian country.", False),
-        ("continents", "brazil", "Brazil is in South America.", True),
-        ("continents", "brazil", "Brazil is in North America.", False),
-        ("languages", "china", "Most people in China speak Mandarin.", True),
-        ("languages", "brazil", "The official language of Brazil is Portuguese.", True),
-        ("languages", "brazil", "People in Brazil speak Spanish.", False),
-        ("plurals", "mouse", 'The plural of "mouse" is "mice".', True),
-        ("plurals", "mouse", 'The plural of "mouse" is "mouses".', False),
-        ("plurals", "cactus", "Both cacti and cactuses are used.", True),
-        ("mul1", "6x7", "6 times 7 is 42.", True),
-        ("mul1", "6x7", "6 times 7 is 36.", False),
-    ],
-)
-def test_added_families_check_their_answers(family: str, key: str, response: str, ok: bool) -> None:
-    assert check(task_of(family, key), response) is ok
-
-
 # --- answer checking: numbers ------------------------------------------------------------------
 
 
@@ -347,9 +325,23 @@ def test_check_compare(response: str, ok: bool) -> None:
         ("animal_legs", "snake", "Snakes have 0 legs.", True),
         ("animal_legs", "snake", "A snake has four legs.", False),
         ("animal_legs", "chicken", "A chicken has two legs and two wings.", True),
+        ("continents", "ireland", "Ireland is a European country located in the North Atlantic.", True),
+        ("continents", "kenya", "Kenya is in East Africa.", True),
+        ("continents", "kenya", "Kenya is an Asian country.", False),
+        ("continents", "brazil", "Brazil is in South America.", True),
+        ("continents", "brazil", "Brazil is in North America.", False),
+        ("languages", "china", "Most people in China speak Mandarin.", True),
+        ("languages", "brazil", "The official language of Brazil is Portuguese.", True),
+        ("languages", "brazil", "People in Brazil speak Spanish.", False),
+        ("plurals", "mouse", 'The plural of "mouse" is "mice".', True),
+        ("plurals", "mouse", 'The plural of "mouse" is "mouses".', False),
+        ("plurals", "cactus", "Both cacti and cactuses are used.", True),
+        # a number family among the facts: the checker of each task's kind
+        ("mul1", "6x7", "6 times 7 is 42.", True),
+        ("mul1", "6x7", "6 times 7 is 36.", False),
     ],
 )
-def test_check_facts(family: str, key: str, response: str, ok: bool) -> None:
+def test_check_named_tasks(family: str, key: str, response: str, ok: bool) -> None:
     assert check(task_of(family, key), response) is ok
 
 
