@@ -678,7 +678,7 @@ def test_shipped_adapter_is_a_vllm_valid_lora_and_loads_by_default(engine: Trans
 
     On samples it was trained on (the committed on-policy data: two prompts of each of the six families with
     right and wrong answers among their first 8 samples, 96 responses), the base model's P(win or tie) ranks
-    the right answers below the wrong ones (AUROC ~0.39) and the adapter's ranks them above (~0.79).
+    the right answers below the wrong ones (AUROC ~0.39) and the adapter's ranks them above (~0.83).
     """
     from langchain_capeval.adapters import default_adapter_path, resolve_adapter
     from langchain_capeval.engines.transformers import TransformersEngineConfig
