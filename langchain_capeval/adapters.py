@@ -26,8 +26,8 @@ own calibration, so the threshold that spends compute well is the adapter's. ``C
 
 Two adapters ship for the embedded default, by name: :data:`DEFAULT_ADAPTER` (``adapter="default"``,
 scope ``every_token``, trained on partial-credit targets with a KL regulariser; docs/training.md
-section 15) and :data:`PARTIAL_CREDIT_ADAPTER` (scope ``self_evaluation``, trained on
-partial-credit targets; docs/training.md section 11).
+sections 15, 16 and 24: the recipe, its loss, the run that ships) and :data:`PARTIAL_CREDIT_ADAPTER`
+(scope ``self_evaluation``, trained on partial-credit targets; docs/training.md section 11).
 
 Example:
     >>> from langchain_capeval.adapters import adapter_scope, default_adapter_path, shipped_adapter_path

@@ -1,6 +1,6 @@
 """The training commands of ``capeval``.
 
-``build-data``, ``data-card``, ``relabel``, ``extend``, ``train`` and ``eval-selfeval``.
+``build-data``, ``data-card``, ``relabel``, ``extend``, ``train``, ``average-adapters`` and ``eval-selfeval``.
 
 Every flag is generated from a config field (its type from the annotation, its help from
 the field's docstring), so the command line and the Python API cannot drift apart.
@@ -10,6 +10,7 @@ Example:
     $ capeval relabel results/training/data --output-dir /tmp/graded --reward partial_credit
     $ capeval extend results/training/data --output-dir /tmp/long --max-new-tokens 256
     $ capeval train --data results/training/data/preferences.jsonl --output-dir /tmp/adapter
+    $ capeval average-adapters /tmp/adapter/checkpoint-250 /tmp/adapter/checkpoint-300 --output-dir /tmp/avg
     $ capeval eval-selfeval --adapter /tmp/adapter --output-dir /tmp/eval
 
 """
@@ -167,6 +168,15 @@ def cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_average_adapters(ns: argparse.Namespace) -> int:
+    """Average LoRA adapters' updates into one adapter, exactly (checkpoints of one run, or runs from one init)."""
+    from langchain_capeval.training.averaging import average_adapters, read_lora_config
+
+    out = average_adapters(ns.adapters, ns.output_dir, weights=ns.weights)
+    print(f"averaged {len(ns.adapters)} adapters into {out} (rank {read_lora_config(out)['r']})")
+    return 0
+
+
 def cmd_eval_selfeval(ns: argparse.Namespace) -> int:
     """Evaluate an adapter against the zero-shot base model; print the table, write JSON and the PNG."""
     from langchain_capeval.training.evaluate import evaluate_self_evaluation, render_table
@@ -219,6 +229,20 @@ def add_training_commands(subparsers: Any) -> None:
     )
     extend.add_argument("--prompts-per-batch", type=int, default=4, help="prompts whose samples decode together")
     extend.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's)")
+    average = subparsers.add_parser(
+        "average-adapters",
+        help="average LoRA adapters into one, exactly (checkpoint averaging, adapter soups)",
+        description=cmd_average_adapters.__doc__,
+    )
+    average.add_argument("adapters", nargs="+", help="two or more adapter folders of the same model and modules")
+    average.add_argument("--output-dir", required=True, help="the averaged adapter's folder")
+    average.add_argument(
+        "--weights",
+        type=_tuple_of(float),
+        default=None,
+        help="comma-separated weights, one per adapter (default: equal)",
+    )
+    average.set_defaults(func=cmd_average_adapters)
 
 
 def _from_built_folder(
