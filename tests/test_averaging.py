@@ -15,6 +15,7 @@ import torch
 
 from langchain_capeval.adapters import SCOPE_FILE, adapter_policy, adapter_scope, apply_adapter, write_adapter_scope
 from langchain_capeval.cli import main as capeval_main
+from langchain_capeval.engines.vllm import adapter_rank, lora_rank_slot
 from langchain_capeval.errors import CapEvalInputError
 from langchain_capeval.training.averaging import average_adapters, read_lora_config
 
@@ -58,6 +59,7 @@ def test_the_average_adapter_merges_to_the_weighted_average_of_the_updates(tmp_p
     for weights, share in ((None, 0.5), ((1.0, 3.0), 0.25)):
         out = average_adapters([first, second], tmp_path / f"avg-{share}", weights=weights)
         assert read_lora_config(out)["r"] == 12
+        assert lora_rank_slot(adapter_rank(out)) == 16  # the max_lora_rank vLLM's engine would start with
         merged = _weights(apply_adapter(_tiny_model(), out))
         for key, value in merged.items():
             want = base[key] + share * updates[0][key] + (1 - share) * updates[1][key]
