@@ -4,7 +4,7 @@ A LoRA adapter adds ``delta_W = (alpha / r) * B @ A`` to each adapted weight. Th
 ``k`` adapters' updates, ``sum_i w_i * delta_W_i``, is itself a LoRA update of rank
 ``sum_i r_i``: stack the ``A_i`` as rows and the scaled ``B_i`` as columns. So averaging is
 exact (no refit, no truncation), the result is an ordinary PEFT folder that the transformers
-engine merges and vLLM serves as a ``LoRARequest`` (its engine picks the ``max_lora_rank``
+engine merges and the vLLM engine loads as a ``LoRARequest`` (it picks the ``max_lora_rank``
 slot that holds the summed rank), and generation and self-evaluation still share one KV cache.
 
 Why average: the self-evaluator's AUROC on a family left out of training moves by 0.1-0.16
