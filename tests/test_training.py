@@ -175,6 +175,46 @@ def test_relabel_scores_the_same_samples_with_another_reward(
     assert "would tie near misses" in capsys.readouterr().err
 
 
+def test_relabel_draws_prefix_lengths_anew_for_more_mid_generation_examples(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], built_data_folder: Callable[[int], Path]
+) -> None:
+    """``capeval relabel --prefix-lengths/--prefixes-per-sample``: same samples and targets, every eligible length."""
+    src = built_data_folder(8)
+    kept, dense = tmp_path / "kept", tmp_path / "dense"
+    assert capeval_main(["relabel", str(src), "--output-dir", str(kept), "--reward", "partial_credit"]) == 0
+    capsys.readouterr()
+    lengths = ["--reward", "partial_credit", "--prefix-lengths", "4,8,12,16"]
+    assert capeval_main(["relabel", str(src), "--output-dir", str(dense), *lengths, "--prefixes-per-sample", "4"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    before, after = read_records(kept / "preferences.jsonl"), read_records(dense / "preferences.jsonl")
+    moved = 0
+    for old, new in zip(before, after, strict=True):
+        for x, y in zip(old.samples, new.samples, strict=True):
+            assert (y.token_ids, y.reward, y.target, y.correct) == (x.token_ids, x.reward, x.target, x.correct)
+            assert y.prefix_lengths == [n for n in (4, 8, 12, 16) if n < len(y.token_ids)]  # all four eligible ones
+            moved += y.prefix_lengths != x.prefix_lengths
+    assert moved > 0  # the kept folder has the source's lengths, drawn from (8, 16, 32, 64) two at a time
+    card = json.loads((dense / "data_card.json").read_text())
+    assert card["counts"]["prefix_examples"] == sum(len(x.prefix_lengths) for r in after for x in r.samples)
+    assert printed["prefixes"] == card["counts"]["prefix_examples_by_length"]
+    settings = json.loads((dense / "build_config.json").read_text())
+    assert (settings["prefix_lengths"], settings["prefixes_per_sample"]) == ([4, 8, 12, 16], 4)
+    drawn = []  # one length a sample: drawn from the eligible ones, seeded, so the same on a rerun
+    for name in ("one", "one-again"):
+        one = ["relabel", str(src), "--output-dir", str(tmp_path / name), *lengths, "--prefixes-per-sample", "1"]
+        assert capeval_main(one) == 0
+        drawn.append([x.prefix_lengths for r in read_records(tmp_path / name / "preferences.jsonl") for x in r.samples])
+    assert capeval_main(one) == 2  # into a folder that holds data: refused
+    assert drawn[0] == drawn[1] and all(len(k) <= 1 for k in drawn[0]) and len({k[0] for k in drawn[0] if k}) > 1
+    capsys.readouterr()
+    bad = ["relabel", str(src), "--reward", "partial_credit", "--output-dir"]
+    assert capeval_main([*bad, str(tmp_path / "b1"), "--prefixes-per-sample", "-1"]) == 2
+    assert "prefixes_per_sample" in capsys.readouterr().err
+    assert capeval_main([*bad, str(tmp_path / "b2"), "--prefix-lengths", "0,8"]) == 2
+    assert "prefix_lengths" in capsys.readouterr().err
+    assert not (tmp_path / "b1").exists() and not (tmp_path / "b2").exists()
+
+
 def test_extend_continues_cut_short_samples_to_the_longer_decoding(
     engine: TransformersEngine,
     tmp_path: Path,

@@ -128,8 +128,16 @@ def cmd_relabel(ns: argparse.Namespace) -> int:
     """Score a built folder's samples again with another reward, into a new folder (no sampling)."""
     from langchain_capeval.training.dataset import relabel_folder
 
-    card = relabel_folder(ns.source_dir, ns.output_dir, ns.reward, ns.epsilon)
-    print(json.dumps({"reward": card["reward"], "label_balance": card["label_balance"]}, indent=2))
+    card = relabel_folder(
+        ns.source_dir,
+        ns.output_dir,
+        ns.reward,
+        ns.epsilon,
+        prefix_lengths=ns.prefix_lengths,
+        prefixes_per_sample=ns.prefixes_per_sample,
+    )
+    shown = {"reward": card["reward"], "label_balance": card["label_balance"]}
+    print(json.dumps(shown | {"prefixes": card["counts"]["prefix_examples_by_length"]}, indent=2))
     return 0
 
 
@@ -217,6 +225,15 @@ def add_training_commands(subparsers: Any) -> None:
     )
     relabel.add_argument("--reward", required=True, choices=get_args(RewardName), help="the reward to score with")
     relabel.add_argument("--epsilon", type=float, default=0.0, help="largest reward gap that counts as a tie")
+    relabel.add_argument(
+        "--prefix-lengths",
+        type=_tuple_of(int),
+        default=None,
+        help="draw the truncation lengths anew from these (comma-separated; default: keep the source's)",
+    )
+    relabel.add_argument(
+        "--prefixes-per-sample", type=int, default=None, help="draw this many truncation lengths a sample anew"
+    )
     extend = _from_built_folder(
         subparsers, "extend", "continue a built data folder's cut-short samples to a larger max_new_tokens", cmd_extend
     )

@@ -491,7 +491,13 @@ def describe_folder(output_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def relabel_folder(
-    source_dir: str | os.PathLike[str], output_dir: str | os.PathLike[str], reward: str, epsilon: float = 0.0
+    source_dir: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    reward: str,
+    epsilon: float = 0.0,
+    *,
+    prefix_lengths: Sequence[int] | None = None,
+    prefixes_per_sample: int | None = None,
 ) -> dict[str, Any]:
     """Score a built folder's samples again with another reward; write them, relabelled, to a new folder.
 
@@ -501,14 +507,21 @@ def relabel_folder(
     new folder's ``build_config.json`` records the reward and ``epsilon`` (so ``build-data``
     can resume it with the same labelling) and its data card describes the new labels.
 
+    Given ``prefix_lengths`` or ``prefixes_per_sample`` (the other then the config's default),
+    the truncation lengths are drawn anew as ``build-data`` draws them (seeded by the source's
+    seed and each prompt's id), for more or other mid-generation examples from the same samples;
+    ``build_config.json`` records the two then.
+
     Example:
         >>> card = relabel_folder("results/training/v5-suffix-lora/data", "runs/pc", "partial_credit")  # doctest: +SKIP
         >>> card["label_balance"]["auroc_target_for_correctness"]  # doctest: +SKIP
         0.981
+        >>> card = relabel_folder("runs/pc", "runs/pc-dense", "partial_credit", prefixes_per_sample=4)  # doctest: +SKIP
 
     Raises:
         FileNotFoundError: ``source_dir`` is not a built folder.
-        ValueError: ``output_dir`` is ``source_dir`` or already holds data; an unknown reward or a bad epsilon.
+        ValueError: ``output_dir`` is ``source_dir`` or already holds data; an unknown reward or a bad epsilon;
+            bad prefix lengths or count.
 
     """
     src, out = Path(source_dir), Path(output_dir)
@@ -516,23 +529,34 @@ def relabel_folder(
     if out.resolve() == src.resolve() or (out / DATA_FILE).exists():
         raise ValueError(f"{out} already holds preference data; relabel into a new folder")
     given = {k: settings[k] for k in _SAMPLE_FIELDS if k in settings}
-    config = PreferenceDataConfig.model_validate(given | {"output_dir": str(out), "reward": reward, "epsilon": epsilon})
+    asked = {"prefix_lengths": prefix_lengths, "prefixes_per_sample": prefixes_per_sample}
+    redraw = {k: v for k, v in asked.items() if v is not None}
+    config = PreferenceDataConfig.model_validate(
+        given | redraw | {"output_dir": str(out), "reward": reward, "epsilon": epsilon}
+    )
     source = REWARD_SOURCES[config.reward]()
     records = []
     for r in read_records(src / DATA_FILE):
         task = Task(**r.task)
         texts = [x.text for x in r.samples]
         rewards = source.score([task.prompt] * len(texts), texts, [task] * len(texts))
-        targets = win_or_tie_targets(rewards, config.epsilon)
+        if redraw:
+            rng = random.Random(f"{config.seed}:{task.id}:prefixes")
+            targets, prefixes = label_samples(rewards, [len(x.token_ids) for x in r.samples], config, rng)
+        else:
+            targets, prefixes = win_or_tie_targets(rewards, config.epsilon), [x.prefix_lengths for x in r.samples]
         samples = [
-            replace(x, reward=rw, target=t, correct=check(task, x.text))
-            for x, rw, t in zip(r.samples, rewards, targets, strict=True)
+            replace(x, reward=rw, target=t, prefix_lengths=list(k), correct=check(task, x.text))
+            for x, rw, t, k in zip(r.samples, rewards, targets, prefixes, strict=True)
         ]
         records.append(replace(r, samples=samples, tie_rate=tie_rate(rewards, config.epsilon)))
     out.mkdir(parents=True, exist_ok=True)
     with (out / DATA_FILE).open("w", encoding="utf-8") as f:
         f.writelines(r.to_json() + "\n" for r in records)
-    (out / "build_config.json").write_text(json.dumps(settings | _recorded_settings(config), indent=2) + "\n")
+    recorded = settings | _recorded_settings(config)
+    if redraw:
+        recorded |= {"prefix_lengths": list(config.prefix_lengths), "prefixes_per_sample": config.prefixes_per_sample}
+    (out / "build_config.json").write_text(json.dumps(recorded, indent=2) + "\n")
     card = describe(records, config, settings.get("engine_model") or str(config.model))
     card["relabelled_from"] = str(src)
     _write_data_card(out, card)
