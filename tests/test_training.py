@@ -176,7 +176,10 @@ def test_relabel_scores_the_same_samples_with_another_reward(
 
 
 def test_relabel_draws_prefix_lengths_anew_for_more_mid_generation_examples(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], built_data_folder: Callable[[int], Path]
+    engine: TransformersEngine,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    built_data_folder: Callable[[int], Path],
 ) -> None:
     """``capeval relabel --prefix-lengths/--prefixes-per-sample``: same samples and targets, every eligible length."""
     src = built_data_folder(8)
@@ -199,6 +202,11 @@ def test_relabel_draws_prefix_lengths_anew_for_more_mid_generation_examples(
     assert printed["prefixes"] == card["counts"]["prefix_examples_by_length"]
     settings = json.loads((dense / "build_config.json").read_text())
     assert (settings["prefix_lengths"], settings["prefixes_per_sample"]) == ([4, 8, 12, 16], 4)
+    same = {k: v for k, v in settings.items() if k != "engine_model"} | {"output_dir": str(dense)}
+    PreferenceDataBuilder(engine, PreferenceDataConfig.model_validate(same)).build(tasks=[], progress=False)
+    other = PreferenceDataConfig.model_validate(same | {"prefixes_per_sample": 2})  # build-data resuming it keeps them
+    with pytest.raises(ValueError, match="'prefixes_per_sample': \\(4, 2\\)"):
+        PreferenceDataBuilder(engine, other).build(tasks=[], progress=False)
     drawn = []  # one length a sample: drawn from the eligible ones, seeded, so the same on a rerun
     for name in ("one", "one-again"):
         one = ["relabel", str(src), "--output-dir", str(tmp_path / name), *lengths, "--prefixes-per-sample", "1"]

@@ -63,6 +63,9 @@ _SAMPLE_FIELDS = ("model", "seed", "num_samples", "temperature", "top_p", "max_n
 _LABEL_FIELDS = ("reward", "epsilon")
 """Config fields that change the labels: a resumed build must keep them too (absent in older folders: the defaults)."""
 
+_PREFIX_FIELDS = ("prefix_lengths", "prefixes_per_sample")
+"""Config fields that draw the prefixes: recorded by a relabel that drew them anew, and kept by a build resuming it."""
+
 
 def _recorded_settings(config: PreferenceDataConfig) -> dict[str, Any]:
     """The config fields ``build_config.json`` records: those that change the samples or their labels."""
@@ -439,6 +442,8 @@ class PreferenceDataBuilder:
             defaults = PreferenceDataConfig().model_dump(mode="json")
             for k in _LABEL_FIELDS:
                 theirs.setdefault(k, defaults[k])
+            given = self.config.model_dump(mode="json")
+            mine |= {k: given[k] for k in _PREFIX_FIELDS if k in theirs}
             diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
             if diff:
                 raise ValueError(
@@ -510,7 +515,7 @@ def relabel_folder(
     Given ``prefix_lengths`` or ``prefixes_per_sample`` (the other then the config's default),
     the truncation lengths are drawn anew as ``build-data`` draws them (seeded by the source's
     seed and each prompt's id), for more or other mid-generation examples from the same samples;
-    ``build_config.json`` records the two then.
+    ``build_config.json`` records the two then, and ``build-data`` resuming the folder must keep them.
 
     Example:
         >>> card = relabel_folder("results/training/v5-suffix-lora/data", "runs/pc", "partial_credit")  # doctest: +SKIP
@@ -555,7 +560,7 @@ def relabel_folder(
         f.writelines(r.to_json() + "\n" for r in records)
     recorded = settings | _recorded_settings(config)
     if redraw:
-        recorded |= {"prefix_lengths": list(config.prefix_lengths), "prefixes_per_sample": config.prefixes_per_sample}
+        recorded |= {k: v for k, v in config.model_dump(mode="json").items() if k in _PREFIX_FIELDS}
     (out / "build_config.json").write_text(json.dumps(recorded, indent=2) + "\n")
     card = describe(records, config, settings.get("engine_model") or str(config.model))
     card["relabelled_from"] = str(src)
