@@ -169,6 +169,17 @@ def sample_seed(seed: int, task_id: str, index: int) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+def prefix_rng(seed: int, task_id: str) -> random.Random:
+    """The generator a prompt's truncation lengths are drawn with: ``build-data`` and ``relabel`` draw alike.
+
+    Example:
+        >>> prefix_rng(0, "add1/3+4").random() == prefix_rng(0, "add1/3+4").random()
+        True
+
+    """
+    return random.Random(f"{seed}:{task_id}:prefixes")
+
+
 def choose_prefix_lengths(num_tokens: int, lengths: Sequence[int], k: int, rng: random.Random) -> list[int]:
     """Draw up to ``k`` distinct truncation lengths shorter than the response, in increasing order.
 
@@ -409,7 +420,7 @@ class PreferenceDataBuilder:
         cfg = self.config
         texts = [text for _, _, text, _ in drawn]
         rewards = self.reward.score([task.prompt] * len(drawn), texts, [task] * len(drawn))
-        rng = random.Random(f"{cfg.seed}:{task.id}:prefixes")
+        rng = prefix_rng(cfg.seed, task.id)
         targets, prefixes = label_samples(rewards, [len(ids) for _, ids, _, _ in drawn], cfg, rng)
         return PromptRecord(
             task=asdict(task),
@@ -546,7 +557,7 @@ def relabel_folder(
         texts = [x.text for x in r.samples]
         rewards = source.score([task.prompt] * len(texts), texts, [task] * len(texts))
         if redraw:
-            rng = random.Random(f"{config.seed}:{task.id}:prefixes")
+            rng = prefix_rng(config.seed, task.id)
             targets, prefixes = label_samples(rewards, [len(x.token_ids) for x in r.samples], config, rng)
         else:
             targets, prefixes = win_or_tie_targets(rewards, config.epsilon), [x.prefix_lengths for x in r.samples]
