@@ -111,6 +111,27 @@ def _cap(tasks: list[Task], config: SelfEvalEvalConfig) -> list[Task]:
     return out
 
 
+def sampling_params(config: SelfEvalEvalConfig, task: Task) -> list[SamplingParams]:
+    """The evaluation's ``num_samples`` draws of one task: row ``j`` seeded by ``sample_seed(config.seed, task.id, j)``.
+
+    Example:
+        >>> cfg = SelfEvalEvalConfig(output_dir="x", num_samples=2)
+        >>> task = build_suite(["add1"], n_per_family=10, seed=0).test[0]
+        >>> [p.seed for p in sampling_params(cfg, task)] == [sample_seed(cfg.seed, task.id, j) for j in (0, 1)]
+        True
+
+    """
+    return [
+        SamplingParams(
+            temperature=config.temperature,
+            top_p=config.top_p,
+            max_new_tokens=config.max_new_tokens,
+            seed=sample_seed(config.seed, task.id, j),
+        )
+        for j in range(config.num_samples)
+    ]
+
+
 def collect_self_evaluations(
     engine: Engine, tasks: Sequence[Task], config: SelfEvalEvalConfig, *, progress: bool = True
 ) -> list[EvalSample]:
@@ -178,18 +199,15 @@ def _collect(
         requests: list[tuple[Task, str, list[int]]] = []
         try:
             for task in chunk:
-                params = [
-                    SamplingParams(
-                        temperature=config.temperature,
-                        top_p=config.top_p,
-                        max_new_tokens=config.max_new_tokens,
-                        seed=sample_seed(config.seed, task.id, j),
-                    )
-                    for j in range(config.num_samples)
-                ]
                 request_id = f"eval:{task.id}"
                 requests.append(
-                    (task, request_id, engine.submit(fmt.encode(task.messages()), params, request_id=request_id))
+                    (
+                        task,
+                        request_id,
+                        engine.submit(
+                            fmt.encode(task.messages()), sampling_params(config, task), request_id=request_id
+                        ),
+                    )
                 )
             rows = [r for *_, rs in requests for r in rs]
             task_of = {r: task for task, _, rs in requests for r in rs}
