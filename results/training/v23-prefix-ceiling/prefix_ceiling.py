@@ -74,6 +74,8 @@ def main() -> None:
     if args.from_output:
         write(json.loads(Path(args.from_output).read_text()), args.at, Path(args.output))
         return
+    if not args.eval_json:
+        ap.error("--eval-json is required (or --from-output, to recompute a written file's figures)")
 
     cfg = SelfEvalEvalConfig(
         **{
