@@ -108,8 +108,8 @@ def main() -> None:
         rows_of = {}
         for task in chunk:
             prompt_ids = fmt.encode(task.messages())
-            rows = engine.submit(prompt_ids, sampling_params(cfg, task), request_id=f"orig:{task.id}")
-            rows_of[task.id] = (task, prompt_ids, rows)
+            task_rows = engine.submit(prompt_ids, sampling_params(cfg, task), request_id=f"orig:{task.id}")
+            rows_of[task.id] = (task, prompt_ids, task_rows)
         rows = [r for _, _, rs in rows_of.values() for r in rs]
         where = {r: (task, pids, j) for task, pids, rs in rows_of.values() for j, r in enumerate(rs)}
         for k in cfg.checkpoints:
@@ -130,6 +130,7 @@ def main() -> None:
                         "k": k,
                         "ids": list(s.token_ids),
                         "text": s.text,
+                        "prefix_right": check(task, s.text),
                         "self_evaluation": scores[s.row],
                     }
                 )
@@ -161,7 +162,6 @@ def main() -> None:
         if key in done and "continuation_partial_credit" in done[key]:
             p["continued_right"], p["halves_right"] = done[key]["continued_right"], done[key]["halves_right"]
             p["continuation_partial_credit"] = done[key]["continuation_partial_credit"]
-            p["prefix_right"] = check(p["task"], p["text"])
     todo = [p for p in prefixes if "continued_right" not in p]
     print(f"{len(prefixes) - len(todo)} prefixes' continuations read from {out}", flush=True)
     for i in range(0, len(todo), args.prefixes_per_batch):
@@ -186,7 +186,6 @@ def main() -> None:
             p["continued_right"] = sum(right)
             p["halves_right"] = [sum(right[: K // 2]), sum(right[K // 2 :])]
             p["continuation_partial_credit"] = [round(partial_credit(p["task"], t), 6) for t in texts]
-            p["prefix_right"] = check(p["task"], p["text"])
             engine.close_request(rid)
         print(
             f"  {min(i + args.prefixes_per_batch, len(todo))}/{len(todo)} prefixes continued, "
@@ -235,24 +234,25 @@ def figures(records: list[dict], K: int, originals: list[dict]) -> dict:
     # with this prefix: 1 if it ends right, else the share of the prompt's other samples that are wrong
     # too. Its expectation over the prefix's continuations is what a self-evaluator trained on that
     # target would say at best: the ceiling of the *method's* 16-token AUROC, not of any score's.
-    wrong = {(o["task_id"], o["sample"]): not o["correct"] for o in originals}
-    n_of: dict[str, int] = {}
-    wrong_of: dict[str, int] = {}
-    for (t, _), w in wrong.items():
-        n_of[t] = n_of.get(t, 0) + 1
-        wrong_of[t] = wrong_of.get(t, 0) + w
-    others_wrong = [
-        (wrong_of[r["task_id"]] - wrong[(r["task_id"], r["sample"])]) / (n_of[r["task_id"]] - 1) for r in records
+    samples_of: dict[str, list[dict]] = {}
+    for o in originals:
+        samples_of.setdefault(o["task_id"], []).append(o)
+
+    def share(reward: float, r: dict, field: str) -> float:
+        """The win-or-tie target of a response with ``reward`` against the other samples of ``r``'s prompt."""
+        others = [float(o[field]) for o in samples_of[r["task_id"]] if o["sample"] != r["sample"]]
+        return win_or_tie_targets([reward, *others], 0.0)[0]
+
+    expected_target = [
+        p * share(1.0, r, "correct") + (1 - p) * share(0.0, r, "correct") for p, r in zip(phat, records, strict=True)
     ]
-    expected_target = [p + (1 - p) * w for p, w in zip(phat, others_wrong, strict=True)]
     # The same with the graded reward the default adapter was trained on (partial credit, epsilon 0):
     # each continuation's win-or-tie share against the prompt's other samples, averaged.
-    credit = {(o["task_id"], o["sample"]): o["partial_credit"] for o in originals}
-    expected_graded_target = []
-    for r in records:
-        others = [c for (t, j), c in credit.items() if t == r["task_id"] and j != r["sample"]]
-        shares = [win_or_tie_targets([c, *others], 0.0)[0] for c in r["continuation_partial_credit"]]
-        expected_graded_target.append(sum(shares) / len(shares))
+    expected_graded_target = [
+        sum(share(c, r, "partial_credit") for c in r["continuation_partial_credit"])
+        / len(r["continuation_partial_credit"])
+        for r in records
+    ]
     half = [r["halves_right"] for r in records]
     # rank by one half's p_hat, labels: the other half's continuations (K/2 draws per prefix)
     half_split = [
