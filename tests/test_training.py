@@ -49,7 +49,13 @@ from langchain_capeval.training.examples import (
     self_evaluation_sequence,
     tree_attention_mask,
 )
-from langchain_capeval.training.metrics import auroc, brier_score, expected_calibration_error, reliability_bins
+from langchain_capeval.training.metrics import (
+    auroc,
+    auroc_interval,
+    brier_score,
+    expected_calibration_error,
+    reliability_bins,
+)
 from langchain_capeval.training.trainer import (
     SelfEvalTrainer,
     build_examples,
@@ -85,6 +91,24 @@ def test_auroc_matches_pairwise_definition() -> None:
     neg = [s for s, y in zip(scores, labels, strict=True) if not y]
     brute = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
     assert auroc(scores, labels) == pytest.approx(brute)
+
+
+def test_auroc_interval_resamples_whole_groups() -> None:
+    rng = random.Random(1)
+    labels = [rng.random() < 0.4 for _ in range(120)]
+    scores = [0.3 * y + rng.random() for y in labels]
+    groups = [f"p{i // 6}" for i in range(120)]  # 20 prompts of 6 samples
+    low, high = auroc_interval(scores, labels, groups, draws=500)
+    assert low < auroc(scores, labels) < high
+    # one group: every draw is the whole set, so the interval is the point
+    point = auroc(scores, labels)
+    assert auroc_interval(scores, labels, ["one"] * 120, draws=50) == (point, point)
+    # seeded: the same call, the same interval; another seed, another
+    assert auroc_interval(scores, labels, groups, draws=500) == (low, high)
+    assert auroc_interval(scores, labels, groups, draws=500, seed=1) != (low, high)
+    assert auroc_interval([0.1, 0.2], [1, 1], ["a", "b"]) is None
+    with pytest.raises(ValueError, match="one group per score"):
+        auroc_interval([0.1, 0.2], [1, 0], ["a"])
 
 
 def test_brier_and_ece_hand_computed() -> None:

@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -66,6 +67,53 @@ def auroc(scores: Sequence[float], labels: Sequence[float | bool]) -> float | No
             hi += 1
         wins += lo + 0.5 * (hi - lo)
     return wins / (len(pos) * len(neg))
+
+
+def auroc_interval(
+    scores: Sequence[float],
+    labels: Sequence[float | bool],
+    groups: Sequence[str],
+    *,
+    draws: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float] | None:
+    """Bootstrap interval of :func:`auroc`, resampling whole groups (a prompt's samples move together).
+
+    Samples of one prompt are not independent (they share its difficulty), so the interval draws
+    ``len(set(groups))`` groups with replacement, ``draws`` times (seeded), and takes the
+    percentiles of the AUROCs; draws with one class only are skipped.
+
+    Returns:
+        ``(low, high)``, or ``None`` when no draw has both classes.
+
+    Example:
+        >>> scores, labels = [0.9, 0.4, 0.6, 0.3, 0.8, 0.5], [1, 0, 1, 0, 0, 1]
+        >>> auroc(scores, labels)
+        0.7777777777777778
+        >>> auroc_interval(scores, labels, ["a", "a", "b", "b", "c", "c"], draws=200)
+        (0.3333333333333333, 1.0)
+
+    """
+    pairs = _pairs(scores, [float(x) for x in labels])
+    if len(groups) != len(pairs):
+        raise ValueError(f"got {len(pairs)} scores but {len(groups)} groups; pass one group per score")
+    members: dict[str, list[int]] = {}
+    for n, g in enumerate(groups):
+        members.setdefault(g, []).append(n)
+    ids = list(members)
+    rng = random.Random(seed)
+    found = []
+    for _ in range(draws):
+        pick = [n for g in (rng.choice(ids) for _ in ids) for n in members[g]]
+        a = auroc([pairs[n][0] for n in pick], [pairs[n][1] for n in pick])
+        if a is not None:
+            found.append(a)
+    if not found:
+        return None
+    found.sort()
+    tail = round((1.0 - level) / 2, 12)  # 0.025, not 0.025000000000000022
+    return found[int(tail * len(found))], found[int((1.0 - tail) * len(found)) - 1]
 
 
 def brier_score(scores: Sequence[float], targets: Sequence[float | bool]) -> float:

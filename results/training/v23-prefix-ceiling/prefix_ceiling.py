@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from langchain_capeval.tasks.answers import check, partial_credit
 from langchain_capeval.training.config import SelfEvalEvalConfig
 from langchain_capeval.training.dataset import sample_seed
 from langchain_capeval.training.evaluate import evaluation_tasks, sampling_params
-from langchain_capeval.training.metrics import auroc
+from langchain_capeval.training.metrics import auroc, auroc_interval
 
 
 def weighted_auroc(scores: list[float], pos: list[float], neg: list[float]) -> float | None:
@@ -277,19 +276,12 @@ def figures(records: list[dict], K: int, originals: list[dict]) -> dict:
         found = [a for a in values if a is not None]
         return sum(found) / len(found) if found else None
 
-    ids = list(by_prompt)
+    prompts = [r["task_id"] for r in records]
 
     def ci95(scores: list[float]) -> list[float | None]:
         """Prompt-bootstrap 95% interval of the AUROC of ``scores`` (2,000 draws, seeded)."""
-        rng = random.Random(0)
-        draws = []
-        for _ in range(2000):
-            pick = [n for t in (rng.choice(ids) for _ in ids) for n in by_prompt[t]]
-            a = auroc([scores[n] for n in pick], [y[n] for n in pick])
-            if a is not None:
-                draws.append(a)
-        draws.sort()
-        return [_r(draws[int(0.025 * len(draws))]), _r(draws[int(0.975 * len(draws)) - 1])] if draws else [None, None]
+        interval = auroc_interval(scores, y, prompts)
+        return [_r(x) for x in interval] if interval else [None, None]
 
     return {
         "prefixes": len(records),
