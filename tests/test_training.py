@@ -109,6 +109,8 @@ def test_auroc_interval_resamples_whole_groups() -> None:
     assert auroc_interval([0.1, 0.2], [1, 1], ["a", "b"]) is None
     with pytest.raises(ValueError, match="one group per score"):
         auroc_interval([0.1, 0.2], [1, 0], ["a"])
+    with pytest.raises(ValueError, match="level"):
+        auroc_interval([0.1, 0.2], [1, 0], ["a", "b"], level=95)
 
 
 def test_brier_and_ece_hand_computed() -> None:

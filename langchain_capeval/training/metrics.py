@@ -87,6 +87,9 @@ def auroc_interval(
     Returns:
         ``(low, high)``, or ``None`` when no draw has both classes.
 
+    Raises:
+        ValueError: Misaligned scores, labels and groups, non-binary labels, or a level outside (0, 1).
+
     Example:
         >>> scores, labels = [0.9, 0.4, 0.6, 0.3, 0.8, 0.5], [1, 0, 1, 0, 0, 1]
         >>> auroc(scores, labels)
@@ -95,6 +98,8 @@ def auroc_interval(
         (0.3333333333333333, 1.0)
 
     """
+    if not 0.0 < level < 1.0 or draws < 1:
+        raise ValueError(f"need 0 < level < 1 and draws >= 1, got level={level}, draws={draws}")
     pairs = _pairs(scores, [float(x) for x in labels])
     if len(groups) != len(pairs):
         raise ValueError(f"got {len(pairs)} scores but {len(groups)} groups; pass one group per score")
