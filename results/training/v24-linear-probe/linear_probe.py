@@ -52,7 +52,13 @@ from langchain_capeval.engines.transformers import TransformersEngine, Transform
 from langchain_capeval.models import load_model
 from langchain_capeval.training.config import SelfEvalEvalConfig
 from langchain_capeval.training.dataset import read_records
-from langchain_capeval.training.evaluate import _collect, evaluation_tasks, summarize, within_prompt_auroc
+from langchain_capeval.training.evaluate import (
+    EvalSample,
+    _collect,
+    evaluation_tasks,
+    summarize,
+    within_prompt_auroc,
+)
 from langchain_capeval.training.examples import PackedSample, collate, pack_sample
 from langchain_capeval.training.metrics import auroc, auroc_interval
 
@@ -200,10 +206,7 @@ def featurise(args, cfg, cached: dict | None = None) -> dict:
     n = len(mine)
     diff = float(np.max(np.abs(mine - np.array([r["default"] for r in test[:n]]))))
     print(f"default's P(win or tie) from the packed sequences vs the engine's: max |diff| {diff:.2e}", flush=True)
-    meta = {
-        part: [{k: v for k, v in r.items() if k != "seq"} for r in rows]
-        for part, rows in (("train", train), ("test", test), ("colors", colors))
-    }
+    meta = {"train": train, "test": test, "colors": colors}
     summaries = {"test": summarize(test_samples, cfg.checkpoints), "colors": summarize(color_samples, cfg.checkpoints)}
     if cached and (cached["meta"], cached["engine_summaries"]) != (meta, summaries):
         raise SystemExit(f"{args.features} holds other samples than this run's; pass another --features")
@@ -254,34 +257,31 @@ def cross_validate(x: np.ndarray, p: np.ndarray, groups: list[str], c: float, fo
 
 def figures(rows: list[dict], scores: np.ndarray) -> dict:
     """The evaluation's figures for one scorer: AUROC full (pooled, within prompts, per family), at k."""
+
+    def auc(idx: list[int]) -> float | None:
+        return auroc([scores[i] for i in idx], [rows[i]["correct"] for i in idx]) if idx else None
+
+    def ci95(idx: list[int]) -> list[float] | None:
+        interval = auroc_interval(
+            [scores[i] for i in idx], [rows[i]["correct"] for i in idx], [rows[i]["prompt"] for i in idx]
+        )
+        return [round(x, 4) for x in interval] if interval else None
+
     full = [i for i, r in enumerate(rows) if r["full"]]
-    out = {"auroc_full": auroc([scores[i] for i in full], [rows[i]["correct"] for i in full])}
-
-    class _S:  # within_prompt_auroc reads task_id, p_full, correct
-        def __init__(self, r, s):
-            self.task_id, self.p_full, self.correct = r["prompt"], s, r["correct"]
-
-    interval = auroc_interval(
-        [scores[i] for i in full], [rows[i]["correct"] for i in full], [rows[i]["prompt"] for i in full]
+    out = {"auroc_full": auc(full), "auroc_full_ci95": ci95(full)}
+    out["auroc_within_prompts"] = within_prompt_auroc(
+        [
+            EvalSample(rows[i]["prompt"], rows[i]["family"], rows[i]["correct"], rows[i]["k"], scores[i], 0, 0)
+            for i in full
+        ]
     )
-    out["auroc_full_ci95"] = [round(x, 4) for x in interval] if interval else None
-    out["auroc_within_prompts"] = within_prompt_auroc([_S(rows[i], scores[i]) for i in full])
     for k in (8, 16, 32):
         at = [i for i, r in enumerate(rows) if not r["full"] and r["k"] == k]
-        out[f"auroc_at_{k}"] = auroc([scores[i] for i in at], [rows[i]["correct"] for i in at]) if at else None
+        out[f"auroc_at_{k}"] = auc(at)
         if k == 16 and at:
-            interval = auroc_interval(
-                [scores[i] for i in at], [rows[i]["correct"] for i in at], [rows[i]["prompt"] for i in at]
-            )
-            out["auroc_at_16_ci95"] = [round(x, 4) for x in interval] if interval else None
+            out["auroc_at_16_ci95"] = ci95(at)
     fams = sorted({rows[i]["family"] for i in full})
-    out["auroc_full_by_family"] = {
-        f: auroc(
-            [scores[i] for i in full if rows[i]["family"] == f],
-            [rows[i]["correct"] for i in full if rows[i]["family"] == f],
-        )
-        for f in fams
-    }
+    out["auroc_full_by_family"] = {f: auc([i for i in full if rows[i]["family"] == f]) for f in fams}
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
 
 
@@ -334,6 +334,13 @@ def main() -> None:
         "probes": {},
     }
     for feats in args.fit or sorted({k.split("/")[0] for k in data["feats"]}):
+
+        def at_layer(layer: int, feats: str = feats) -> list[np.ndarray]:
+            """Train, test and colors features of one layer, standardised by the train split's."""
+            return standardise(
+                *(data["feats"][f"{feats}/{part}"][:, layer].numpy() for part in ("train", "test", "colors"))
+            )
+
         for label, tgt in (("win_or_tie_target", p), ("correctness", y)):
             cv = {}
             for layer in args.layers:
@@ -342,9 +349,7 @@ def main() -> None:
                     cv[(layer, c)] = cross_validate(x, tgt, groups, c)
                     print(f"{feats} {label} layer {layer} C {c}: CV log loss {cv[(layer, c)]:.4f}", flush=True)
             (layer, c) = min(cv, key=cv.get)
-            xtr, xte, xco = standardise(
-                *(data["feats"][f"{feats}/{part}"][:, layer].numpy() for part in ("train", "test", "colors"))
-            )
+            xtr, xte, xco = at_layer(layer)
             clf = fit_probe(xtr, tgt, c)
             entry = {
                 "layer": layer,
@@ -356,9 +361,7 @@ def main() -> None:
                 entry[part] = figures(meta[part], clf.predict_proba(x)[:, 1])
             # the same fit restricted to what the LM head reads (layer 30), for the method's read-out
             if layer != 30:
-                xtr30, xte30, xco30 = standardise(
-                    *(data["feats"][f"{feats}/{part}"][:, 30].numpy() for part in ("train", "test", "colors"))
-                )
+                xtr30, xte30, xco30 = at_layer(30)
                 c30 = min((cc for (lay, cc) in cv if lay == 30), key=lambda cc: cv[(30, cc)])
                 clf30 = fit_probe(xtr30, tgt, c30)
                 entry["final_layer"] = {
