@@ -7,6 +7,7 @@ trained for a few steps at a high learning rate, saved, loaded back through the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 from collections.abc import Callable
@@ -549,6 +550,38 @@ def test_data_builder_with_partial_credit(engine: TransformersEngine, tmp_path: 
     assert custom.reward_name == "partial_credit"
     with pytest.raises(ValueError, match=r"epsilon=0\.5 would tie near misses"):
         PreferenceDataConfig(reward="partial_credit", epsilon=0.5)
+
+
+def test_collect_self_evaluations_scores_through_a_given_scorer(engine: TransformersEngine) -> None:
+    """``score=``: called with the rows paused at each checkpoint, then with every row; its answers are the figures.
+
+    A scorer that records what it scored, then reverses the engine's answers: the samples are the
+    same draws (seeded), every checkpoint's rows are paused at it, the last call has every row
+    finished, and each figure is the reversed one, so a scorer that was not used fails.
+    """
+    cfg = SelfEvalEvalConfig(num_samples=2, max_new_tokens=10, checkpoints=(4,), prompts_per_batch=2)
+    tasks = list(build_suite(["add1"], n_per_family=12, seed=0).test[:2])
+    calls: list[list[tuple[int, bool]]] = []
+
+    def reversed_score(rows):
+        calls.append([(engine.sample(r).num_tokens, engine.sample(r).finished) for r in rows])
+        return [
+            dataclasses.replace(e, p_win_or_tie=1 - e.p_win_or_tie, p_no=e.p_yes, p_yes=e.p_no)
+            for e in engine.self_evaluate(rows)
+        ]
+
+    plain = collect_self_evaluations(engine, tasks, cfg, progress=False)
+    hooked = collect_self_evaluations(engine, tasks, cfg, score=reversed_score, progress=False)
+    drawn = lambda xs: [(s.task_id, s.num_tokens, s.correct) for s in xs]  # noqa: E731
+    assert drawn(hooked) == drawn(plain)
+    assert len(calls) == 2  # one batch: the checkpoint, then the end
+    assert calls[0] and all(n == 4 and not done for n, done in calls[0])
+    assert len(calls[1]) == 4 and all(done for _, done in calls[1])
+    for h, p in zip(hooked, plain, strict=True):
+        assert (h.p_no, h.p_yes) == pytest.approx((p.p_yes, p.p_no), abs=1e-5)
+        assert h.p_full == pytest.approx(1 - p.p_full, abs=1e-5)
+        assert h.p_at.keys() == p.p_at.keys()
+        assert all(h.p_at[k] == pytest.approx(1 - p.p_at[k], abs=1e-5) for k in h.p_at)
 
 
 def test_end_to_end_tiny_pipeline(engine: TransformersEngine, tmp_path: Path) -> None:

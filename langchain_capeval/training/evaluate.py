@@ -133,14 +133,33 @@ def sampling_params(config: SelfEvalEvalConfig, task: Task) -> list[SamplingPara
 
 
 def collect_self_evaluations(
-    engine: Engine, tasks: Sequence[Task], config: SelfEvalEvalConfig, *, progress: bool = True
+    engine: Engine,
+    tasks: Sequence[Task],
+    config: SelfEvalEvalConfig,
+    *,
+    score: Callable[[Sequence[RowId]], list[SelfEvaluation]] | None = None,
+    progress: bool = True,
 ) -> list[EvalSample]:
     """Sample each task ``num_samples`` times; self-evaluate at every checkpoint and at the end.
 
     Prompts are decoded ``prompts_per_batch`` at a time; each sample's seed depends only on
     ``config.seed``, its task and its number, so two engines see the same random streams.
+
+    ``score`` self-evaluates a list of rows in place of ``engine.self_evaluate``: it is called
+    with the rows paused at each checkpoint, then with every row once all have finished, while
+    the rows are live, so it can read what was scored (``engine.sample(row)``) or score it
+    another way; the figures come from the self-evaluations it returns, one a row.
+
+    Example:
+        >>> seen = {}  # row -> its tokens, as they were when last scored
+        >>> def score(rows):
+        ...     seen.update({r: engine.sample(r).token_ids for r in rows})
+        ...     return engine.self_evaluate(rows)
+        >>> samples = collect_self_evaluations(engine, tasks, cfg, score=score)  # doctest: +SKIP
+
     """
-    return _collect(engine, tasks, config, lambda rows: {"": engine.self_evaluate(rows)}, progress)[""]
+    scorer = engine.self_evaluate if score is None else score
+    return _collect(engine, tasks, config, lambda rows: {"": scorer(rows)}, progress)[""]
 
 
 def collect_self_evaluations_by_adapter(

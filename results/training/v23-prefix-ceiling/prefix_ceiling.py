@@ -7,8 +7,9 @@ the AUROC of that ranking is the ceiling of ``auroc_at[k]`` for every self-evalu
 any target. This script estimates it on section 24's test split (the default adapter's samples,
 drawn again with the evaluation's seeds and engine settings, so they are the evaluated ones):
 
-1. decode each prompt's ``num_samples`` samples as ``capeval eval-selfeval`` does, pausing at the
-   checkpoints, and keep the prefixes still generating at each ``k``;
+1. decode each prompt's ``num_samples`` samples with ``capeval eval-selfeval``'s own loop
+   (``collect_self_evaluations``, pausing at the checkpoints), and keep the prefixes still
+   generating at each ``k``;
 2. continue every prefix ``--continuations`` times (the same temperature and top-p, fresh seeds,
    up to the evaluation's ``max_new_tokens`` in all) and check each whole response;
 3. p_hat = the share of right continuations. Scored against the original responses' correctness
@@ -38,7 +39,7 @@ from langchain_capeval.sampling import SamplingParams
 from langchain_capeval.tasks.answers import check, partial_credit
 from langchain_capeval.training.config import SelfEvalEvalConfig
 from langchain_capeval.training.dataset import sample_seed
-from langchain_capeval.training.evaluate import evaluation_tasks, sampling_params
+from langchain_capeval.training.evaluate import collect_self_evaluations, evaluation_tasks
 from langchain_capeval.training.metrics import auroc, auroc_interval
 
 
@@ -97,55 +98,52 @@ def main() -> None:
             prefix_caching=False,
         )
     )
-    fmt = engine.chat_format
     start = time.perf_counter()
-    # 1. the evaluation's samples, paused at its checkpoints as collect_self_evaluations pauses them
+    # 1. the evaluation's samples, decoded by its own loop (collect_self_evaluations), its scorer
+    #    wrapped to keep the prefixes it scores at --at and each sample's final text
+    fmt = engine.chat_format
+    task_of = {f"eval:{t.id}": t for t in trained}  # collect_self_evaluations' request ids
     prefixes: list[dict] = []  # one per (sample, k): the prompt ids, the k tokens, the task
     originals: list[dict] = []
-    for i in range(0, len(trained), cfg.prompts_per_batch):
-        chunk = trained[i : i + cfg.prompts_per_batch]
-        rows_of = {}
-        for task in chunk:
-            prompt_ids = fmt.encode(task.messages())
-            task_rows = engine.submit(prompt_ids, sampling_params(cfg, task), request_id=f"orig:{task.id}")
-            rows_of[task.id] = (task, prompt_ids, task_rows)
-        rows = [r for _, _, rs in rows_of.values() for r in rs]
-        where = {r: (task, pids, j) for task, pids, rs in rows_of.values() for j, r in enumerate(rs)}
-        for k in cfg.checkpoints:
-            if k >= cfg.max_new_tokens:
-                break
-            paused = [s for s in engine.generate(rows, until=k) if not s.finished and s.num_tokens == k]
-            if k not in args.at:
-                continue
-            # the self-evaluator's score of the prefix, as the evaluation's auroc_at reads it
-            scores = {e.row: e.p_win_or_tie for e in engine.self_evaluate([s.row for s in paused])}
-            for s in paused:
-                task, pids, j = where[s.row]
+    number: dict[int, int] = {}  # row -> its sample number j within its prompt
+
+    def score(rows):
+        scored = engine.self_evaluate(rows)
+        snaps = [engine.sample(r) for r in rows]
+        if rows and all(s.finished for s in snaps):  # the end of a batch: every row, in submission order
+            for s in snaps:
+                task = task_of[s.request_id]
+                number[s.row] = j = sum(o["task_id"] == task.id for o in originals)
+                originals.append(
+                    {
+                        "task_id": task.id,
+                        "family": task.family,
+                        "sample": j,
+                        "correct": check(task, s.text),
+                        "partial_credit": partial_credit(task, s.text),
+                    }
+                )
+        elif snaps and snaps[0].num_tokens in args.at:  # the rows paused at one checkpoint
+            for s, e in zip(snaps, scored, strict=True):
+                task = task_of[s.request_id]
                 prefixes.append(
                     {
                         "task": task,
-                        "prompt_ids": pids,
-                        "sample": j,
-                        "k": k,
+                        "prompt_ids": fmt.encode(task.messages()),
+                        "row": s.row,
+                        "k": s.num_tokens,
                         "ids": list(s.token_ids),
                         "text": s.text,
                         "prefix_right": check(task, s.text),
-                        "self_evaluation": scores[s.row],
+                        # the self-evaluator's score of the prefix, as the evaluation's auroc_at reads it
+                        "self_evaluation": e.p_win_or_tie,
                     }
                 )
-        for s in engine.generate(rows):
-            task, _, j = where[s.row]
-            originals.append(
-                {
-                    "task_id": task.id,
-                    "family": task.family,
-                    "sample": j,
-                    "correct": check(task, s.text),
-                    "partial_credit": partial_credit(task, s.text),
-                }
-            )
-        for task in chunk:
-            engine.close_request(f"orig:{task.id}")
+        return scored
+
+    collect_self_evaluations(engine, trained, cfg, score=score)
+    for p in prefixes:  # row ids are never reused, so each names one sample
+        p["sample"] = number[p.pop("row")]
     correct_of = {(o["task_id"], o["sample"]): o["correct"] for o in originals}
     print(f"{len(originals)} samples, {len(prefixes)} prefixes, {time.perf_counter() - start:.0f} s", flush=True)
 

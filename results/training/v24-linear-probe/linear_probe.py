@@ -54,7 +54,7 @@ from langchain_capeval.training.config import SelfEvalEvalConfig
 from langchain_capeval.training.dataset import read_records
 from langchain_capeval.training.evaluate import (
     EvalSample,
-    _collect,
+    collect_self_evaluations,
     evaluation_tasks,
     summarize,
     within_prompt_auroc,
@@ -139,10 +139,10 @@ def test_examples(engine: TransformersEngine, cfg: SelfEvalEvalConfig, tasks) ->
             finals.extend(rows)
         for s in snaps:
             seen[s.row] = list(s.token_ids)
-        return {"": engine.self_evaluate(rows)}
+        return engine.self_evaluate(rows)
 
     # the evaluation's own decoding loop, its scorer wrapped to keep each row's tokens
-    samples = _collect(engine, tasks, cfg, score, progress=True)[""]
+    samples = collect_self_evaluations(engine, tasks, cfg, score=score)
     by_id = {t.id: t for t in tasks}
     rows, packed = [], []
     for row, es in zip(finals, samples, strict=True):
