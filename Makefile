@@ -27,8 +27,9 @@ lint: install
 	$(BIN)/ruff format --check langchain_capeval tests bench examples graphs
 	$(BIN)/mypy
 
+# A worker per core, each on one thread (tests/conftest.py), a test file to a worker.
 test: lint
-	$(BIN)/pytest tests langchain_capeval -q --durations=25
+	$(BIN)/pytest tests langchain_capeval -q --durations=25 -n auto --dist loadfile
 
 bench: install
 	$(BIN)/python bench/engine_bench.py

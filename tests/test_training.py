@@ -420,10 +420,23 @@ def test_soft_answer_loss_and_batches() -> None:
 # --- on the real model -------------------------------------------------------------------------
 
 
-def _answer_logits(model: torch.nn.Module, sequences: list[list[int]]) -> list[torch.Tensor]:
-    """The next-token logits after each of ``sequences``: the self-evaluation answer's distribution."""
+def _answer_logits(model: torch.nn.Module, sequences: list[list[int]], batch: int = 16) -> list[torch.Tensor]:
+    """The next-token logits after each of ``sequences``: the self-evaluation answer's distribution.
+
+    A plain forward pass (not the engine's code), ``batch`` sequences at a time, right-padded (masked
+    keys, positions from 0 as unpadded), the output projection applied at each last token only.
+    """
+    out: list[torch.Tensor] = []
     with torch.inference_mode():
-        return [model(input_ids=torch.tensor([seq])).logits[0, -1] for seq in sequences]
+        for i in range(0, len(sequences), batch):
+            chunk = sequences[i : i + batch]
+            width = max(map(len, chunk))
+            ids = torch.tensor([[*seq, *[0] * (width - len(seq))] for seq in chunk])
+            mask = torch.tensor([[1] * len(seq) + [0] * (width - len(seq)) for seq in chunk])
+            hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+            last = hidden[torch.arange(len(chunk)), torch.tensor([len(seq) - 1 for seq in chunk])]
+            out.extend(model.get_output_embeddings()(last))
+    return out
 
 
 def _p_win_or_tie(model: torch.nn.Module, sequences: list[list[int]], no_id: int, yes_id: int) -> list[float]:
