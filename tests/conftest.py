@@ -26,9 +26,8 @@ from langchain_capeval.engines.transformers import TransformersEngine
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist (``make test`` runs a worker per core), each worker and its subprocesses use one thread.
 
-    Two workers on two threads each would oversubscribe the cores. On 2 cores, two one-thread
-    processes each decode about as fast as one alone, where a second thread speeds one process up
-    by about 1.4x: the suite takes about two thirds of its one-process time (README).
+    Two workers on two threads each would oversubscribe the cores. On 2 cores the suite takes about
+    two thirds of its one-process time this way (the README's CI figures).
     """
     if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ["OMP_NUM_THREADS"] = "1"  # servers, CLIs and scripts the tests start

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 from langchain_capeval.adapters import default_adapter_path
@@ -106,6 +107,7 @@ def main() -> None:
     prefixes: list[dict] = []  # one per (sample, k): the prompt ids, the k tokens, the task
     originals: list[dict] = []
     number: dict[int, int] = {}  # row -> its sample number j within its prompt
+    numbered: Counter[str] = Counter()  # task id -> its samples numbered so far
 
     def score(rows):
         scored = engine.self_evaluate(rows)
@@ -113,7 +115,8 @@ def main() -> None:
         if rows and all(s.finished for s in snaps):  # the end of a batch: every row, in submission order
             for s in snaps:
                 task = task_of[s.request_id]
-                number[s.row] = j = sum(o["task_id"] == task.id for o in originals)
+                number[s.row] = j = numbered[task.id]
+                numbered[task.id] += 1
                 originals.append(
                     {
                         "task_id": task.id,
