@@ -577,7 +577,7 @@ def test_collect_self_evaluations_scores_through_a_given_scorer(engine: Transfor
     calls: list[list[tuple[int, bool]]] = []
 
     def reversed_score(rows):
-        calls.append([(engine.sample(r).num_tokens, engine.sample(r).finished) for r in rows])
+        calls.append([(s.num_tokens, s.finished) for s in map(engine.sample, rows)])
         return [
             dataclasses.replace(e, p_win_or_tie=1 - e.p_win_or_tie, p_no=e.p_yes, p_yes=e.p_no)
             for e in engine.self_evaluate(rows)

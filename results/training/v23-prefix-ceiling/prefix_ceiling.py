@@ -104,6 +104,7 @@ def main() -> None:
     #    wrapped to keep the prefixes it scores at --at and each sample's final text
     fmt = engine.chat_format
     task_of = {f"eval:{t.id}": t for t in trained}  # collect_self_evaluations' request ids
+    prompt_ids = {t.id: fmt.encode(t.messages()) for t in trained}
     prefixes: list[dict] = []  # one per (sample, k): the prompt ids, the k tokens, the task
     originals: list[dict] = []
     number: dict[int, int] = {}  # row -> its sample number j within its prompt
@@ -132,7 +133,7 @@ def main() -> None:
                 prefixes.append(
                     {
                         "task": task,
-                        "prompt_ids": fmt.encode(task.messages()),
+                        "prompt_ids": prompt_ids[task.id],
                         "row": s.row,
                         "k": s.num_tokens,
                         "ids": list(s.token_ids),
